@@ -1,0 +1,3 @@
+"""fewshotseg: few-shot semantic segmentation methods behind one Lightning + Hydra interface."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Qualitative overlays: support, query, prediction and ground truth of the first evaluation batch,
+saved as PNG in the run folder and sent to W&B when it is the logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning import Callback
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from fewshotseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+_FG = np.array([255, 60, 60], dtype=np.float32)
+
+
+def _to_rgb(img: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=img.device)[:, None, None]
+    return ((img * std + mean).clamp(0, 1) * 255).permute(1, 2, 0).byte().cpu().numpy()
+
+
+def _overlay(rgb: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    m = mask.cpu().numpy()
+    out = rgb.astype(np.float32)
+    out[m == 1] = 0.5 * out[m == 1] + 0.5 * _FG
+    out[m == 255] = 0.5 * out[m == 255] + 0.5 * 255  # ignore band in white
+    return out.astype(np.uint8)
+
+
+def episode_panel(batch: dict, pred: torch.Tensor, i: int) -> np.ndarray:
+    """One row: each support with its mask, the query with the prediction, the query with the truth."""
+    tiles = [_overlay(_to_rgb(s), m) for s, m in zip(batch["support_imgs"][i], batch["support_masks"][i])]
+    query = _to_rgb(batch["query_img"][i])
+    tiles += [_overlay(query, pred[i]), _overlay(query, batch["query_mask"][i])]
+    return np.concatenate(tiles, axis=1)
+
+
+class QualitativeOverlays(Callback):
+    def __init__(self, max_episodes: int = 8):
+        self.max_episodes = max_episodes
+
+    def _log(self, trainer, batch, outputs, stage: str) -> None:
+        if not trainer.is_global_zero or not outputs or "pred" not in outputs:
+            return
+        n = min(self.max_episodes, batch["query_img"].shape[0])
+        panels = [episode_panel(batch, outputs["pred"], i) for i in range(n)]
+        names = [trainer.datamodule.class_names[int(c) - 1] for c in batch["class_id"][:n]] if trainer.datamodule else [""] * n
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(panels, axis=0)).save(folder / f"{stage}_step{trainer.global_step:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                caption = [f"{name}: supports | prediction | ground truth" for name in names]
+                logger.log_image(key=f"{stage}/overlays", images=panels, caption=caption)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self._log(trainer, batch, outputs, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self._log(trainer, batch, outputs, "test")

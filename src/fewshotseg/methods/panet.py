@@ -1,0 +1,79 @@
+"""PANet (Wang et al., ICCV 2019): prototypes by masked average pooling, cosine matching, and
+prototype alignment regularisation (PAR). Follows the official code (specs/panet.md), 1-way.
+
+Per episode: foreground and background prototypes from the supports (features bilinearly upsampled
+to the mask size; the foreground prototype is the mean over shots of per-shot prototypes), logits
+= 20 * cosine similarity at feature resolution, upsampled to the image. PAR (training only) swaps
+the roles: prototypes from the query's own predicted masks segment each support image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshotseg.data.episode import IGNORE_INDEX, Episode
+from fewshotseg.ops.prototypes import cosine_logits, masked_average_pool
+
+
+class PANet(nn.Module):
+    def __init__(
+        self,
+        backbone: Callable[..., nn.Module],
+        feature_layer: str = "layer3",
+        dist_scale: float = 20.0,
+        align: bool = True,
+        bg_includes_ignore: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone(layers=[feature_layer])
+        self.feature_layer, self.dist_scale, self.align = feature_layer, dist_scale, align
+        # The official support background mask is "not the class", which includes 255 pixels.
+        self.bg_includes_ignore = bg_includes_ignore
+
+    def _support_masks(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fg = (masks == 1).float()
+        bg = (masks != 1).float() if self.bg_includes_ignore else (masks == 0).float()
+        return fg, bg
+
+    def forward(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query, supports, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
+        B, K = supports.shape[:2]
+        size = query.shape[-2:]
+        feats = self.backbone(torch.cat([supports.flatten(0, 1), query]))[self.feature_layer]  # one pass
+        s_feat, q_feat = feats[: B * K], feats[B * K :]
+
+        fg, bg = self._support_masks(s_masks.flatten(0, 1))
+        fg_proto = masked_average_pool(s_feat, fg).view(B, K, -1).mean(1)
+        bg_proto = masked_average_pool(s_feat, bg).view(B, K, -1).mean(1)
+        pred = cosine_logits(q_feat, torch.stack([bg_proto, fg_proto], 1), self.dist_scale)  # [B,2,h,w]
+        logits = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+
+        aux = {}
+        if self.training and self.align:
+            aux["align"] = self.alignment_loss(q_feat, pred, s_feat, s_masks)
+        return logits, aux
+
+    def alignment_loss(self, q_feat, pred, s_feat, s_masks) -> torch.Tensor:
+        """PAR: query prototypes from the predicted query masks (at feature resolution, no
+        upsampling, no detach) segment every support image; CE against the support labels."""
+        B, K = s_masks.shape[:2]
+        pred_mask = pred.argmax(1)
+        q_masks = torch.stack([pred_mask == 0, pred_mask == 1], 1).float()  # [B,2,h,w]
+        q_protos = torch.einsum("bchw,bphw->bpc", q_feat, q_masks) / (q_masks.sum((2, 3))[..., None] + 1e-5)
+        has_fg = q_masks[:, 1].flatten(1).any(1)  # the official code skips a way predicted empty
+
+        s_pred = cosine_logits(s_feat, q_protos.repeat_interleave(K, 0), self.dist_scale)
+        s_pred = F.interpolate(s_pred, size=s_masks.shape[-2:], mode="bilinear", align_corners=False)
+        fg, bg = self._support_masks(s_masks.flatten(0, 1))
+        target = torch.full_like(s_masks.flatten(0, 1), IGNORE_INDEX)
+        target[bg.bool()] = 0
+        target[fg.bool()] = 1
+        ce = F.cross_entropy(s_pred, target, ignore_index=IGNORE_INDEX, reduction="none")
+        counted = (target != IGNORE_INDEX).flatten(1).sum(1).clamp(min=1)
+        per_support = ce.flatten(1).sum(1) / counted  # mean over pixels, as a per-call CE mean
+        per_episode = per_support.view(B, K).mean(1) * has_fg
+        return per_episode.mean()

@@ -1,0 +1,58 @@
+"""Train a few-shot segmentation method, then test it on the fold's fixed novel-class episodes.
+
+    python -m fewshotseg.train method=panet data=synthetic fold=0 shot=1
+    python -m fewshotseg.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python -m fewshotseg.train -m fold=0,1,2,3 shot=1,5                                # sweep
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fewshotseg.cli import CONFIG_DIR, build, finish_wandb, instantiate_group, prepare_wandb, user_errors
+from fewshotseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file to resume from")
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_wandb(cfg)
+    datamodule, module = build(cfg)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks")))
+    for logger in loggers:
+        logger.log_hyperparams(module.config)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    results: dict = {}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        results = module.test_results
+    finish_wandb(loggers)
+    if trainer.is_global_zero and results:
+        dm = datamodule
+        print(f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})")
+        print(f"test mIoU:   {100 * results['miou']:.2f}")
+        print(f"test FB-IoU: {100 * results['fbiou']:.2f}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        results = train(cfg)
+    return results.get("miou")  # the sweep objective
+
+
+if __name__ == "__main__":
+    main()
