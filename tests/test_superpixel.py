@@ -12,6 +12,8 @@ from fewshotseg.ops.superpixel import (
     batched_superpixel_clustering,
     guided_prototype_allocation,
     place_seeds,
+    place_seeds_batch,
+    seed_grid_shape,
     seeds_to_padded,
     superpixel_clustering,
 )
@@ -209,6 +211,34 @@ def test_seeds_to_padded_counts_seed_at_origin():
     assert seeds[0, :2].tolist() == [[0, 0], [5, 6]] and seeds[0, 2:].abs().sum() == 0
     with pytest.raises(ValueError):
         seeds_to_padded([np.zeros((6, 2), np.int64)], 5)
+
+
+def test_place_seeds_batch_equals_place_seeds_per_mask():
+    rng = np.random.default_rng(3)
+    masks = []
+    for k in range(7):
+        grid = np.zeros((60, 60), bool)
+        if k:  # k == 0: empty mask
+            for _ in range(k % 3 + 1):
+                r, c = rng.integers(0, 40, 2)
+                grid[r : r + rng.integers(4, 20), c : c + rng.integers(4, 20)] = True
+        masks.append(grid_to_input(grid, 473, 473))
+    masks = torch.from_numpy(np.stack(masks).astype(np.int64))
+    seeds, counts = place_seeds_batch(masks)
+    assert seeds.shape == (7, 5, 2) and counts.dtype == torch.long
+    for i in range(7):
+        expected = place_seeds(masks[i])
+        assert counts[i] == len(expected)
+        np.testing.assert_array_equal(seeds[i, : counts[i]].numpy(), expected)
+        assert (seeds[i, counts[i] :] == 0).all()
+    assert counts.tolist()[0] == 0 and counts.max() >= 2
+    # other strides / options and non-square inputs follow place_seeds too
+    small = masks[:, :113, :97].contiguous()
+    seeds, counts = place_seeds_batch(small, max_num=3, avg_area=10, stride=4)
+    for i in range(7):
+        np.testing.assert_array_equal(seeds[i, : counts[i]].numpy(), place_seeds(small[i], 3, 10, 4))
+    assert seed_grid_shape(473, 473) == (60, 60) and seed_grid_shape(641, 321) == (81, 41)
+    assert seed_grid_shape(65, 64) == (9, 8)
 
 
 # --------------------------------------------------------------------------------------------

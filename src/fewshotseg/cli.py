@@ -50,7 +50,7 @@ def build(cfg: DictConfig):
         method=instantiate(method_cfg.model),
         optimizer=instantiate(method_cfg.optimizer),
         scheduler=instantiate(method_cfg.scheduler) if method_cfg.get("scheduler") else None,
-        aux_weights=OmegaConf.to_container(method_cfg.get("aux_weights") or {}),
+        aux_weights=dict(method_cfg.get("aux_weights") or {}),
         class_names=datamodule.class_names,
         eval_resolution=cfg.get("eval_resolution", "input"),
         config=OmegaConf.to_container(cfg, resolve=True),

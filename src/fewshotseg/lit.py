@@ -18,6 +18,9 @@ from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.metrics import FewShotIoU
 
 
+EVAL_RESOLUTIONS = ("input", "original")
+
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pixel-mean CE ignoring 255; 0 rather than NaN when every pixel is ignored."""
     ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -32,12 +35,12 @@ class FewShotSegModule(LightningModule):
         scheduler: Callable | None = None,
         aux_weights: dict[str, float] | None = None,
         class_names: list[str] | None = None,
-        eval_resolution: str = "input",
+        eval_resolution: str | None = "input",
         config: dict | None = None,
     ):
         super().__init__()
-        if eval_resolution not in ("input", "original"):
-            raise ValueError(f"eval_resolution={eval_resolution!r}: expected 'input' or 'original'")
+        if eval_resolution not in (None, *EVAL_RESOLUTIONS):
+            raise ValueError(f"eval_resolution={eval_resolution!r}: expected 'input', 'original' or null (the data protocol's)")
         self.method = method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.aux_weights = dict(aux_weights or {})
@@ -65,16 +68,28 @@ class FewShotSegModule(LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return loss
 
+    def resolved_eval_resolution(self) -> str:
+        """eval_resolution, or (null) the one the datamodule's protocol names (pfenet: original)."""
+        if self.eval_resolution is not None:
+            return self.eval_resolution
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "eval_resolution", None) or "input"
+
     def _evaluate(self, batch: Episode, metric: FewShotIoU) -> dict[str, torch.Tensor]:
+        """Score the episode. input: the argmax at network input size against the transformed label.
+        original: the logits upsampled bilinearly (align_corners=True, as PFENet and HSNet do) to the
+        label in `query_mask_orig`; with the PFENet test resize that label is the raw label padded
+        with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (protocol.md 3.2),
+        and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
         logits = self(batch)
         class_idx = batch["class_id"] - 1
-        if self.eval_resolution == "input":
+        if self.resolved_eval_resolution() == "input":
             pred = logits.argmax(1)
             metric.update(pred, batch["query_mask"], class_idx)
             return {"pred": pred}
-        for i, target in enumerate(batch["query_mask_orig"]):  # score at the original label size
-            up = F.interpolate(logits[i : i + 1], size=target.shape, mode="bilinear", align_corners=False)
-            metric.update(up.argmax(1), target[None], class_idx[i : i + 1])
+        for i, target in enumerate(batch["query_mask_orig"]):
+            up = F.interpolate(logits[i : i + 1], size=tuple(target.shape), mode="bilinear", align_corners=True)
+            metric.update(up.argmax(1), target[None].to(up.device), class_idx[i : i + 1])
         return {"pred": logits.argmax(1)}
 
     def validation_step(self, batch: Episode, batch_idx: int) -> dict:
@@ -100,6 +115,8 @@ class FewShotSegModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.method.parameters() if p.requires_grad]
+        if not params:  # parameter-free baselines
+            return None
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -12,7 +12,8 @@ Pipeline
    on the stride-8 feature grid from the support mask at input resolution. An empty result
    means "fewer than two superpixels: fall back to masked average pooling".
 2. :func:`seeds_to_padded`: batch variable-length seed sets as a zero-padded ``[N, S, 2]``
-   tensor plus an explicit count ``[N]``.
+   tensor plus an explicit count ``[N]``; :func:`place_seeds_batch` does 1 and 2 for a batch
+   of masks (downsampling on their device).
 3. :func:`superpixel_clustering` (one support image) or
    :func:`batched_superpixel_clustering` (whole batch, all shots, no Python loop over
    elements): iterate the soft superpixel centres and return the prototypes.
@@ -74,6 +75,8 @@ __all__ = [
     "MAP_EPS",
     "COS_EPS",
     "place_seeds",
+    "place_seeds_batch",
+    "seed_grid_shape",
     "seeds_to_padded",
     "superpixel_clustering",
     "batched_superpixel_clustering",
@@ -155,13 +158,25 @@ def place_seeds(mask, max_num: int = 5, avg_area: float = 100, stride: int = 8) 
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    m = _as_numpy_2d(mask)
-    fg = m == 1
-    height, width = fg.shape
-    grid_h = int((height - 1) / stride + 1)
-    grid_w = int((width - 1) / stride + 1)
-    grid = fg[np.ix_(_nearest_src_index(height, grid_h), _nearest_src_index(width, grid_w))]
+    fg = _as_numpy_2d(mask) == 1
+    rows, cols = _grid_indices(*fg.shape, stride)
+    return _seeds_on_grid(fg[np.ix_(rows, cols)], max_num, avg_area)
 
+
+def seed_grid_shape(height: int, width: int, stride: int = 8) -> tuple[int, int]:
+    """The seed grid of a ``height x width`` mask: ``int((H - 1) / stride + 1)`` rows (and
+    columns likewise), which is the feature size of a stride-``stride`` ResNet (60 for 473)."""
+    return int((height - 1) / stride + 1), int((width - 1) / stride + 1)
+
+
+def _grid_indices(height: int, width: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input rows and columns sampled by the nearest downsampling to the stride grid."""
+    grid_h, grid_w = seed_grid_shape(height, width, stride)
+    return _nearest_src_index(height, grid_h), _nearest_src_index(width, grid_w)
+
+
+def _seeds_on_grid(grid: np.ndarray, max_num: int, avg_area: float) -> np.ndarray:
+    """The seed rule of :func:`place_seeds` on an already downsampled boolean foreground grid."""
     empty = np.zeros((0, 2), dtype=np.int64)
     rows, cols = np.nonzero(grid)
     if rows.size == 0:
@@ -183,6 +198,36 @@ def place_seeds(mask, max_num: int = 5, avg_area: float = 100, stride: int = 8) 
         seeds[k] = (r + r0, c + c0)
         roi[r, c] = 0.0
     return seeds
+
+
+def place_seeds_batch(
+    masks: torch.Tensor, max_num: int = 5, avg_area: float = 100, stride: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`place_seeds` for a batch of masks, as padded tensors on the masks' device.
+
+    Args:
+        masks: ``[N, H, W]`` support labels at input resolution (any device; foreground is
+            ``== 1``).
+        max_num, avg_area, stride: as in :func:`place_seeds`.
+
+    Returns:
+        ``(seeds, counts)`` as :func:`seeds_to_padded` gives them (``[N, max_num, 2]`` and
+        ``[N]``, long, on ``masks.device``); ``seeds[i, :counts[i]] == place_seeds(masks[i])``.
+
+    The nearest downsampling runs on the masks' device, so only the small ``[N, h, w]`` grid
+    travels to the CPU (one synchronisation), where the seed rule (scipy distance transforms,
+    sequential by nature) runs per mask.
+    """
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    rows, cols = _grid_indices(masks.shape[1], masks.shape[2], stride)
+    rows_t = torch.from_numpy(rows).to(masks.device)
+    cols_t = torch.from_numpy(cols).to(masks.device)
+    grid = (masks.index_select(1, rows_t).index_select(2, cols_t) == 1).cpu().numpy()
+    seeds, counts = seeds_to_padded([_seeds_on_grid(g, max_num, avg_area) for g in grid], max_num)
+    return seeds.to(masks.device), counts.to(masks.device)
 
 
 def seeds_to_padded(seeds_list: Sequence, max_num: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,128 @@
+"""ASGNet (Li et al., CVPR 2021): superpixel-guided clustering (SGC) and guided prototype
+allocation (GPA) on PFENet's multi-scale decoder. Follows the official code
+(github.com/Reagan1311/ASGNet at cd898c5; specs/asgnet.md), 1-way, K-shot.
+
+Per episode:
+1. Query and supports -> frozen backbone -> cat(layer3, layer2) -> `down_conv` (1x1 -> 256,
+   Dropout2d 0.5, no ReLU; one module for query and supports).
+2. SGC (no gradient): seeds from each support mask (stride-8 grid, up to `max_sp`), soft mask =
+   (label == 1) bilinearly downsampled (align_corners=True); `n_iter` iterations of soft clustering
+   inside the mask, or masked average pooling when a mask gets fewer than 2 seeds. The prototypes of
+   all K shots are pooled (up to K * max_sp).
+3. GPA: per query pixel, the sum of the cosine similarities to all prototypes (probability map)
+   and the most similar prototype (guide feature).
+4. FEM(cat(query, guide), probability map) -> logits, upsampled (bilinear, align_corners=True) to
+   the input size; in training also the auxiliary loss `aux` = mean over bins of the inner CE.
+
+Everything is batched over the batch and all shots (no Python loop over elements); only the seed
+placement (scipy distance transforms on the 60x60 grid) runs per support mask on the CPU. The
+official code computes the seeds in the dataset on the augmented mask; computing them here from the
+same mask gives the same seeds.
+
+Backbone passes: while the backbone's BatchNorms use batch statistics (`bn_mode: train`, the
+official behaviour), the query and each shot go through the backbone in separate calls, as in the
+official code, so every call normalises with (and updates the running statistics from) the same
+batch as there; otherwise all supports go through in one call. The support branch runs without
+gradient: the prototypes carry none (official), so nothing upstream of them could learn from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshotseg.data.episode import Episode
+from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
+from fewshotseg.ops.superpixel import (
+    batched_superpixel_clustering,
+    guided_prototype_allocation,
+    place_seeds_batch,
+    seed_grid_shape,
+)
+
+
+class ASGNet(nn.Module):
+    """ASGNet.
+
+    Args:
+        backbone: partial of `fewshotseg.backbones.Backbone`; called with the feature layers.
+        feature_layers: concatenated (in this order) before `down_conv`; official: layer3, layer2.
+            The seed grid uses the first layer's stride, and the others are resized to its size.
+        reduce_dim: width of `down_conv` and of the decoder (256).
+        bins: FEM pyramid bins (PASCAL: [60, 30, 15, 8]; COCO: [1.0, 0.5, 0.25, 0.125]).
+        max_sp: most superpixels per support image (5).
+        avg_sp_area: grid cells per superpixel when counting them (100).
+        train_iter, eval_iter: clustering iterations in training (10) and evaluation (5).
+        dropout: Dropout2d of `down_conv` (0.5).
+    """
+
+    def __init__(
+        self,
+        backbone: Callable[..., nn.Module],
+        feature_layers: Sequence[str] = ("layer3", "layer2"),
+        reduce_dim: int = 256,
+        bins: Sequence[float] = (60, 30, 15, 8),
+        max_sp: int = 5,
+        avg_sp_area: float = 100,
+        train_iter: int = 10,
+        eval_iter: int = 5,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        self.feature_layers = list(feature_layers)
+        self.backbone = backbone(layers=self.feature_layers)
+        in_channels = sum(self.backbone.channels[layer] for layer in self.feature_layers)
+        self.stride = self.backbone.reduction[self.feature_layers[0]]
+        self.down_conv = nn.Sequential(nn.Conv2d(in_channels, reduce_dim, 1, bias=False), nn.Dropout2d(p=dropout))
+        self.fem = FEM(2 * reduce_dim + 1, bins=bins, reduce_dim=reduce_dim)
+        self.max_sp, self.avg_sp_area = max_sp, avg_sp_area
+        self.train_iter, self.eval_iter = train_iter, eval_iter
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """cat(feature layers) -> down_conv: [N,3,H,W] -> [N,reduce_dim,h,w]."""
+        feats = self.backbone(images)
+        maps = [feats[layer] for layer in self.feature_layers]
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps]
+        return self.down_conv(torch.cat(maps, 1))
+
+    @torch.no_grad()
+    def prototypes(self, s_feat: torch.Tensor, s_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SGC prototypes of every support image: s_feat [N,C,h,w], s_labels [N,H,W] in {0,1,255}
+        -> ([N, max_sp, C], valid [N, max_sp])."""
+        (h, w), (H, W) = s_feat.shape[-2:], s_labels.shape[-2:]
+        if seed_grid_shape(H, W, self.stride) != (h, w):
+            raise ValueError(
+                f"ASGNet: {H}x{W} support masks give a {seed_grid_shape(H, W, self.stride)} seed grid at stride "
+                f"{self.stride}, but the features are {h}x{w}; the backbone must have output stride {self.stride} "
+                "with feature side int((H - 1) / stride + 1) (e.g. 473 -> 60)"
+            )
+        fg = (s_labels == 1).unsqueeze(1).to(s_feat.dtype)
+        mask = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=True)  # soft at the boundary
+        seeds, counts = place_seeds_batch(s_labels, self.max_sp, self.avg_sp_area, self.stride)
+        n_iter = self.train_iter if self.training else self.eval_iter
+        return batched_superpixel_clustering(s_feat, mask, seeds, counts, n_iter)
+
+    def forward(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query, supports, s_labels = batch["query_img"], batch["support_imgs"], batch["support_masks"]
+        B, K = supports.shape[:2]
+        q_feat = self.features(query)
+        with torch.no_grad():
+            if self.backbone.uses_batch_stats:  # official: one backbone call per shot
+                s_feat = torch.stack([self.features(supports[:, k]) for k in range(K)], 1).flatten(0, 1)
+            else:
+                s_feat = self.features(supports.flatten(0, 1))
+            protos, valid = self.prototypes(s_feat, s_labels.flatten(0, 1))
+        # all shots' prototypes together, shot-major as the official concatenation
+        protos, valid = protos.reshape(B, -1, protos.shape[-1]), valid.reshape(B, -1)
+        prob_map, guide = guided_prototype_allocation(q_feat, protos, valid)
+        out, inner = self.fem(torch.cat([q_feat, guide], 1), maps=prob_map)
+        logits = upsample_logits(out, query.shape[-2:])
+
+        aux = {}
+        if self.training and "query_mask" in batch:
+            aux["aux"] = inner_loss(inner, batch["query_mask"])
+        return logits, aux
