@@ -124,3 +124,14 @@ def test_bad_input_gives_clear_error(tmp_path, data_dir, override, message):
     assert proc.returncode != 0
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["local_parallel", "submitit_local_runs"])
+def test_sweep_launchers(tmp_path, data_dir, launcher):
+    # joblib (local parallel) and submitit's local executor (the SLURM code path, on this machine).
+    args = cli_args(tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1", "test=false", f"hydra/launcher={launcher}")
+    proc = run_cli("fewshotseg.train", "-m", *args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in sweep.rglob("*"))[:40]
