@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args.device = torch.device(args.device)
     here = Path(__file__).parent
     sys.path.insert(0, str(here))
+    sys.modules.setdefault("bench", sys.modules[__name__])  # sections register here when run as a script
     for path in sorted(here.glob("bench_*.py")):
         importlib.import_module(path.stem)
     chosen = [s for s in args.only.split(",") if s] or list(SECTIONS)

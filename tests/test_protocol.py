@@ -11,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from test_sources import FSS_SPLITS, make_coco, make_fss, make_voc
 from torch import nn
 
 from fewshotseg.cli import CONFIG_DIR
@@ -29,6 +28,7 @@ from fewshotseg.data.transforms import (
 from fewshotseg.errors import ConfigError
 from fewshotseg.lit import FewShotSegModule
 from fewshotseg.metrics import FewShotIoU
+from test_sources import FSS_SPLITS, make_coco, make_fss, make_voc
 
 
 def test_pfenet_resized_shape():
@@ -48,7 +48,9 @@ def test_pad_transform_layout():
     assert (out[:nh, :nw] == 1).all() and (out[nh:] == 255).all() and (out[:, nw:] == 255).all()
     black = (0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # raw 0 padding, normalised
     assert np.allclose(img[:, -1, -1].numpy(), black, atol=1e-5)
-    assert np.allclose(img[:, 0, 0].numpy(), (200 / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-4)
+    assert np.allclose(
+        img[:, 0, 0].numpy(), (200 / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-4
+    )
     framed = pad_transform(41).original_frame(mask)
     assert framed.shape == (50, 50) and (framed[:30] == 1).all() and (framed[30:] == 255).all()
 
@@ -96,7 +98,12 @@ def test_original_resolution_scoring_equals_hand_upsampled_prediction():
         "class_id": torch.tensor([3, 4]),
         "query_mask_orig": [torch.from_numpy(transform.original_frame(m)).long() for m in labels],
     }
-    module = FewShotSegModule(FixedLogits(logits), optimizer=None, class_names=[f"c{i}" for i in range(5)], eval_resolution="original")
+    module = FewShotSegModule(
+        FixedLogits(logits),
+        optimizer=None,
+        class_names=[f"c{i}" for i in range(5)],
+        eval_resolution="original",
+    )
     module.eval()
     metric = FewShotIoU(5)
     module._evaluate(batch, metric)
@@ -108,13 +115,17 @@ def test_original_resolution_scoring_equals_hand_upsampled_prediction():
         target[: raw.shape[0], : raw.shape[1]] = raw
         up = bilinear_align_corners(logits[i].double().numpy(), side, side)
         pred = (up[1] > up[0]).astype(np.int64)
-        reference.update(torch.from_numpy(pred)[None], torch.from_numpy(target).long()[None], torch.tensor([3 + i - 1]))
+        reference.update(
+            torch.from_numpy(pred)[None], torch.from_numpy(target).long()[None], torch.tensor([3 + i - 1])
+        )
     for state in ("intersection", "union", "fb_intersection", "fb_union"):
         assert torch.equal(getattr(metric, state), getattr(reference, state)), state
 
 
 def test_eval_resolution_null_follows_the_data_protocol():
-    module = FewShotSegModule(FixedLogits(torch.zeros(1)), optimizer=None, class_names=["a"], eval_resolution=None)
+    module = FewShotSegModule(
+        FixedLogits(torch.zeros(1)), optimizer=None, class_names=["a"], eval_resolution=None
+    )
     assert module.resolved_eval_resolution() == "input"  # no datamodule attached
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(eval_resolution="original"))
     assert module.resolved_eval_resolution() == "original"
@@ -159,7 +170,9 @@ def roots(tmp_path_factory):
 def compose_data(data: str, root, *overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"data={data}", f"data.root={root}", "paths.data_dir=/unused", *overrides])
+        cfg = compose(
+            "train", overrides=[f"data={data}", f"data.root={root}", "paths.data_dir=/unused", *overrides]
+        )
     return cfg
 
 
@@ -184,7 +197,12 @@ def test_protocol_settings_per_dataset(roots, data, protocol):
     assert img.shape == (3, size, size)
     if train_cls is AugmentTransform:
         assert dm.train_transform.crop_size == size
-    assert (dm.num_test_episodes, dm.test_order, dm.min_area, dm.eval_resolution) == (episodes, order, min_area, resolution)
+    assert (dm.num_test_episodes, dm.test_order, dm.min_area, dm.eval_resolution) == (
+        episodes,
+        order,
+        min_area,
+        resolution,
+    )
     assert cfg.eval_resolution is None  # the module follows dm.eval_resolution
     if data == "coco":
         assert dm.novel == [4 * k + 1 for k in range(20)]  # interleaved by default

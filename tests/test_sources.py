@@ -83,7 +83,9 @@ def save_palette_png(label: np.ndarray, path: Path) -> None:
     im.save(path)
 
 
-def draw_box(label: np.ndarray, image: np.ndarray, y0: int, x0: int, h: int, w: int, cls: int, border: bool = True) -> None:
+def draw_box(
+    label: np.ndarray, image: np.ndarray, y0: int, x0: int, h: int, w: int, cls: int, border: bool = True
+) -> None:
     """An object with VOC's 255 outline (1 px around it)."""
     if border:
         label[max(0, y0 - 1) : y0 + h + 1, max(0, x0 - 1) : x0 + w + 1] = 255
@@ -140,7 +142,9 @@ def make_coco(root: Path, n_images: int = 36, year: int = 2014) -> dict:
             h, w = (64, 80) if i % 2 else (72, 56)
             image_id = 1000 * (split == "val") + i + 1
             name = f"COCO_{split}{year}_{image_id:012d}.jpg"
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"{split}{year}" / name)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                root / f"{split}{year}" / name
+            )
             images.append({"id": image_id, "file_name": name, "height": h, "width": w})
             if i == n_images - 1:
                 continue  # an image without annotations: not part of the split
@@ -153,7 +157,11 @@ def make_coco(root: Path, n_images: int = 36, year: int = 2014) -> dict:
                 if kind == 0:
                     seg = [polygon(x0, y0, x1, y1)]
                 elif kind == 1:  # two parts and a degenerate one
-                    seg = [polygon(x0, y0, (x0 + x1) / 2, y1), polygon(x1 - 3, y0, x1, y0 + 5), [x0, y0, x1, y1]]
+                    seg = [
+                        polygon(x0, y0, (x0 + x1) / 2, y1),
+                        polygon(x1 - 3, y0, x1, y0 + 5),
+                        [x0, y0, x1, y1],
+                    ]
                 else:
                     m = np.zeros((h, w), np.uint8, order="F")
                     m[int(y0) : int(y1), int(x0) : int(x1)] = 1
@@ -170,7 +178,10 @@ def make_coco(root: Path, n_images: int = 36, year: int = 2014) -> dict:
                 anns.append({"id": len(anns) + 1 + 100000 * (split == "val"), "image_id": image_id, "category_id": cat,
                              "iscrowd": int(kind == 3), "area": float(mask_utils.area(rle)), "bbox": [x0, y0, x1 - x0, y1 - y0],
                              "segmentation": seg})  # fmt: skip
-        cats = [{"id": cid, "name": n, "supercategory": "thing"} for cid, n in zip(COCO_CATEGORY_IDS, coco_names())]
+        cats = [
+            {"id": cid, "name": n, "supercategory": "thing"}
+            for cid, n in zip(COCO_CATEGORY_IDS, coco_names())
+        ]
         rng.shuffle(anns)  # the JSON order must not matter
         data = {"info": {}, "images": images, "annotations": anns, "categories": cats}
         (root / "annotations" / f"instances_{split}{year}.json").write_text(json.dumps(data))
@@ -190,7 +201,9 @@ def coco_reference_label(data: dict, image: dict, crowd: str = "foreground") -> 
     """Paint an image's instances by hand: larger `area` first, smaller on top (ties: annotation id)."""
     h, w = image["height"], image["width"]
     cat_to_class = {cid: i + 1 for i, cid in enumerate(COCO_CATEGORY_IDS)}
-    anns = sorted((a for a in data["annotations"] if a["image_id"] == image["id"]), key=lambda a: (-a["area"], a["id"]))
+    anns = sorted(
+        (a for a in data["annotations"] if a["image_id"] == image["id"]), key=lambda a: (-a["area"], a["id"])
+    )
     label = np.zeros((h, w), np.uint8)
     for a in anns:
         m = mask_utils.decode(_rle(a["segmentation"], h, w)).astype(bool)
@@ -206,14 +219,20 @@ def make_fss(root: Path, per_split: dict[str, list[str]], images_per_class: int 
         for name in names:
             (root / name).mkdir(exist_ok=True)
             for n in range(1, images_per_class + 1):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{n}.jpg")
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    root / name / f"{n}.jpg"
+                )
                 m = np.zeros((32, 32), np.uint8)
-                m[4 : 4 + 3 * n, 5 : 25] = 255
+                m[4 : 4 + 3 * n, 5:25] = 255
                 m[30, 30] = 100  # grey below 128: background
                 Image.fromarray(m).save(root / name / f"{n}.png")
 
 
-FSS_SPLITS = {"trn": ["zebra_crossing", "abacus", "bus"], "val": ["dog", "cat"], "test": ["kite", "apple", "tie"]}
+FSS_SPLITS = {
+    "trn": ["zebra_crossing", "abacus", "bus"],
+    "val": ["dog", "cat"],
+    "test": ["kite", "apple", "tie"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +262,16 @@ def datamodule(root, source, fold=0, shot=1, protocol="pfenet", workers=0, **kwa
         "pfenet": {"train": "augment", "test": "pad", "size": size, "scale": [0.9, 1.1], "test_order": "image", "min_area": 2048, "eval_resolution": "original"},
         "hsnet": {"train": "resize", "test": "resize", "size": size, "test_order": "pair", "min_area": 0, "eval_resolution": "input"},
     }  # fmt: skip
-    dm = FewShotDataModule(root, source, fold=fold, shot=shot, num_workers=workers, protocol=protocol, protocols=protocols, **params)
+    dm = FewShotDataModule(
+        root,
+        source,
+        fold=fold,
+        shot=shot,
+        num_workers=workers,
+        protocol=protocol,
+        protocols=protocols,
+        **params,
+    )
     dm.prepare_data()
     return dm
 
@@ -258,7 +286,9 @@ def test_pascal_fold_lists_match_protocol(fold):
     assert split.val == split.test and sorted(split.train + split.test) == list(range(1, 21))
 
 
-@pytest.mark.parametrize("fold_split,table", [("interleaved", COCO_INTERLEAVED), ("consecutive", COCO_CONSECUTIVE)])
+@pytest.mark.parametrize(
+    "fold_split,table", [("interleaved", COCO_INTERLEAVED), ("consecutive", COCO_CONSECUTIVE)]
+)
 @pytest.mark.parametrize("fold", range(4))
 def test_coco_fold_lists_match_protocol(fold, fold_split, table):
     source = COCO20i("/unused")
@@ -302,7 +332,9 @@ def test_pascal_labels_keep_255_borders(voc):
 
 def test_pascal_area_rule(voc):
     root, truth = voc
-    dm = datamodule(root, PascalVOC, fold=0, protocol="pfenet", num_test_episodes=200)  # min_area 2048, all images
+    dm = datamodule(
+        root, PascalVOC, fold=0, protocol="pfenet", num_test_episodes=200
+    )  # min_area 2048, all images
     index = dm._index("val")
     small_only = [i for i, a in index.items() if any(c in dm.novel and area < 2048 for c, area in a.items())]
     assert small_only, "the fixture has small novel objects"
@@ -339,7 +371,11 @@ def test_pascal_hsnet_split_files_restrict_pairs(voc, tmp_path):
     classes = sorted(c for c in np.unique(truth["labels"][image_id]) if c not in (0, 255))
     assert len(classes) == 2
     for k in range(4):
-        lines = [f"{i}__{(n % 20) + 1}" for n, i in enumerate(truth["train"]) if (n % 20) // 5 == k and i != image_id]
+        lines = [
+            f"{i}__{(n % 20) + 1}"
+            for n, i in enumerate(truth["train"])
+            if (n % 20) // 5 == k and i != image_id
+        ]
         if k == (classes[0] - 1) // 5:
             lines.append(f"{image_id}__{classes[0]}")
         (trn / f"fold{k}.txt").write_text("\n".join(lines) + "\n")
@@ -354,11 +390,20 @@ def test_pascal_hsnet_split_files_restrict_pairs(voc, tmp_path):
 
 def test_bam_dict_literal_and_hsnet_pickle_lists(tmp_path):
     bam = tmp_path / "sub_class_file_list_0.txt"
-    bam.write_text("{1: [('JPEGImages/a.jpg', 'SegmentationClassAug/a.png')], 2: [['JPEGImages/b.jpg', 'SegmentationClassAug/b.png'], ('JPEGImages/a.jpg', 'SegmentationClassAug/a.png')]}")
+    bam.write_text(
+        "{1: [('JPEGImages/a.jpg', 'SegmentationClassAug/a.png')], 2: [['JPEGImages/b.jpg', 'SegmentationClassAug/b.png'], ('JPEGImages/a.jpg', 'SegmentationClassAug/a.png')]}"
+    )
     entries = read_list(bam)
     assert entries.ids == ["a", "b"] and entries.classes == {"a": {1, 2}, "b": {2}}
     pkl = tmp_path / "fold0.pkl"
-    pkl.write_bytes(pickle.dumps({0: ["train2014/COCO_train2014_000000000009.jpg"], 4: ["train2014/COCO_train2014_000000000025.jpg"]}))
+    pkl.write_bytes(
+        pickle.dumps(
+            {
+                0: ["train2014/COCO_train2014_000000000009.jpg"],
+                4: ["train2014/COCO_train2014_000000000025.jpg"],
+            }
+        )
+    )
     entries = read_list(pkl)
     assert entries.classes == {"COCO_train2014_000000000009": {1}, "COCO_train2014_000000000025": {5}}
     evil = tmp_path / "evil.pkl"
@@ -411,7 +456,11 @@ def test_coco_store_and_index_are_reused_and_rebuilt(coco, tmp_path, monkeypatch
     # a changed annotation file invalidates both
     path = root / "annotations" / "instances_val2014.json"
     data = json.loads(path.read_text())
-    data["annotations"] = [a for a in data["annotations"] if Path(next(im["file_name"] for im in data["images"] if im["id"] == a["image_id"])).stem != some]
+    data["annotations"] = [
+        a
+        for a in data["annotations"]
+        if Path(next(im["file_name"] for im in data["images"] if im["id"] == a["image_id"])).stem != some
+    ]
     path.write_text(json.dumps(data))
     try:
         assert some not in load_class_index(COCO20i(root), "val")
@@ -454,7 +503,15 @@ def test_fss_class_split_and_fold(fss):
 
 
 def test_fss_every_test_image_is_a_query_once(fss):
-    dm = datamodule(fss, FSS1000, protocol="hsnet", num_test_episodes=12, train_split="train", val_split="val", test_split="test")
+    dm = datamodule(
+        fss,
+        FSS1000,
+        protocol="hsnet",
+        num_test_episodes=12,
+        train_split="train",
+        val_split="val",
+        test_split="test",
+    )
     dm.setup(None)
     test_ids = FSS1000(fss).image_ids("test")
     assert sorted(e.query for e in dm.test_set.episodes) == sorted(test_ids)  # 3 classes x 4 images
@@ -469,7 +526,7 @@ def test_fss_every_test_image_is_a_query_once(fss):
 def test_fss_missing_class_list(tmp_path):
     (tmp_path / "abacus").mkdir()
     with pytest.raises(DataError, match=r"trn\.txt.*HSNet"):
-        FSS1000(tmp_path).class_names
+        _ = FSS1000(tmp_path).class_names
 
 
 # --- your own folders ------------------------------------------------------------------------------
@@ -514,7 +571,9 @@ def test_folder_label_outside_class_list_and_image_without_label(tmp_path):
     make_folder(tmp_path, per_class=False)
     Image.fromarray(np.full((40, 48), 9, np.uint8)).save(tmp_path / "masks" / "img03.png")
     source = FolderSource(tmp_path)
-    with pytest.raises(DataError, match=r"img03\.png has values \[9\] outside the class list: expected 0\.\.4 or 255"):
+    with pytest.raises(
+        DataError, match=r"img03\.png has values \[9\] outside the class list: expected 0\.\.4 or 255"
+    ):
         load_class_index(source, "train")
     (tmp_path / "masks" / "img03.png").unlink()
     with pytest.raises(DataError, match=r"img03\.png.*every image needs a label"):
@@ -602,6 +661,43 @@ def test_same_episodes_for_0_and_2_workers(request, name):
 
 def test_missing_root_is_named_for_every_dataset(tmp_path):
     missing = tmp_path / "nowhere"
-    for source, layout in ((PascalVOC, r"JPEGImages"), (COCO20i, r"train2014"), (FSS1000, r"<class>/<n>\.jpg"), (FolderSource, r"images")):
+    for source, layout in (
+        (PascalVOC, r"JPEGImages"),
+        (COCO20i, r"train2014"),
+        (FSS1000, r"<class>/<n>\.jpg"),
+        (FolderSource, r"images"),
+    ):
         with pytest.raises(DataError, match=rf"{re.escape(str(missing))} does not exist.*{layout}"):
             source(missing).prepare()
+
+
+def test_coco_json_layouts_give_the_same_result(coco, tmp_path):
+    from fewshotseg.data.sources import coco_json
+    from fewshotseg.data.sources.coco import COCO_CLASSES
+
+    root, truth = coco
+    data = truth["val"]
+    reference = coco_json.convert(
+        root / "annotations" / "instances_val2014.json", 2, "foreground", COCO_CLASSES
+    )
+    assert (
+        coco_json._parallel_parse((root / "annotations" / "instances_val2014.json").read_text(), 2, "x")
+        is not None
+    )
+    odd = dict(data)
+    odd["annotations"] = [
+        {**a, "attributes": [{"a": 1}, {"b": 2}]} for a in data["annotations"]
+    ]  # splits in the wrong place
+    variants = {
+        "indented": json.dumps(data, indent=1),
+        "annotations first": json.dumps(
+            {"annotations": data["annotations"], "categories": data["categories"], "images": data["images"]}
+        ),
+        "nested objects": json.dumps(odd),
+    }
+    assert coco_json._parallel_parse(variants["nested objects"], 2, "x") is None  # detected, parsed serially
+    for name, text in variants.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        for workers in (1, 2):
+            assert coco_json.convert(path, workers, "foreground", COCO_CLASSES) == reference, (name, workers)

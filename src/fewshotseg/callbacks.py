@@ -48,7 +48,9 @@ class QualitativeOverlays(Callback):
         n = min(self.max_episodes, batch["query_img"].shape[0])
         panels = [episode_panel(batch, outputs["pred"], i) for i in range(n)]
         names = [trainer.datamodule.class_names[int(c) - 1] for c in batch["class_id"][:n]] if trainer.datamodule else [""] * n
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+        # default_root_dir (the run folder), not trainer.log_dir: that property is a collective
+        # broadcast under DDP and would hang when read on rank 0 only.
+        folder = Path(trainer.default_root_dir) / "overlays"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate(panels, axis=0)).save(folder / f"{stage}_step{trainer.global_step:06d}.png")
         for logger in trainer.loggers:

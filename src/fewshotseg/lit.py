@@ -17,7 +17,6 @@ from torch import nn
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.metrics import FewShotIoU
 
-
 EVAL_RESOLUTIONS = ("input", "original")
 
 

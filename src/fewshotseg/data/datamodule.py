@@ -1,0 +1,278 @@
+"""FewShotDataModule: training episodes on the fold's base classes, fixed test episodes on its novel
+classes.
+
+Evaluation protocol: `protocol` names an entry of `protocols` (the data config's table, see
+conf/data/_episodes.yaml) that fills every setting left null here: the transforms (train
+augment|resize, test pad|resize, size, scale), num_test_episodes, test_order, min_area, and the
+eval_resolution the LightningModule reads. A setting given explicitly always wins over the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from fewshotseg.data.episode import collate_episodes
+from fewshotseg.data.index import ClassIndex, load_class_index
+from fewshotseg.data.sampling import (
+    EpisodeSpec,
+    draw_supports,
+    images_per_class,
+    load_or_create_episodes,
+    pick_class,
+    query_images,
+    restrict_index,
+    without_classes,
+)
+from fewshotseg.data.sources.base import SegmentationSource, binarise  # noqa: F401 - binarise re-exported
+from fewshotseg.data.transforms import PairTransform, protocol_transforms
+from fewshotseg.errors import ConfigError, DataError
+
+PROTOCOL_KEYS = (
+    "train",
+    "test",
+    "size",
+    "scale",
+    "num_test_episodes",
+    "test_order",
+    "min_area",
+    "eval_resolution",
+)
+TEST_ORDERS = ("image", "pair", "class")
+
+
+def resolve_protocol(protocol: str | None, protocols: Mapping | None) -> dict:
+    """The settings table entry of `protocol` ({} for none), checked."""
+    if protocol is None:
+        return {}
+    table = dict(protocols or {})
+    if protocol not in table:
+        raise ConfigError(
+            f"data.protocol={protocol!r}: this dataset defines the protocols {sorted(table)} (data.protocols)"
+        )
+    settings = dict(table[protocol])
+    unknown = set(settings) - set(PROTOCOL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"data.protocols.{protocol} has unknown keys {sorted(unknown)}: expected {list(PROTOCOL_KEYS)}"
+        )
+    return settings
+
+
+class _EpisodeReader(Dataset):
+    def __init__(self, source: SegmentationSource, transform: PairTransform, shot: int):
+        self.source, self.transform, self.shot = source, transform, shot
+
+    def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(image, mask) transformed, and the binarised mask at original resolution."""
+        image = self.source.load_image(image_id)
+        mask = self.source.load_mask(image_id, class_id)
+        if image.shape[:2] != mask.shape:
+            raise DataError(
+                f"{self.source.name} image {image_id!r} is {image.shape[:2]} but its label is {mask.shape}"
+            )
+        return (*self.transform(image, mask), mask)
+
+    def _episode(self, spec: EpisodeSpec, episode_idx: int) -> tuple[dict, np.ndarray]:
+        q_img, q_mask, q_raw = self._load(spec.query, spec.class_id)
+        supports = [self._load(s, spec.class_id) for s in spec.supports]
+        item = {
+            "query_img": q_img,
+            "query_mask": q_mask,
+            "support_imgs": torch.stack([s[0] for s in supports]),
+            "support_masks": torch.stack([s[1] for s in supports]),
+            "class_id": spec.class_id,
+            "episode_idx": episode_idx,
+            "query_id": spec.query,
+            "support_ids": list(spec.supports),
+        }
+        return item, q_raw
+
+
+class TrainEpisodes(_EpisodeReader):
+    """One item per query image (not class-balanced), as the PFENet family trains."""
+
+    def __init__(self, source, transform, shot, index: ClassIndex, classes: list[int], min_area: int = 0):
+        super().__init__(source, transform, shot)
+        self.index = index
+        self.pools = images_per_class(index, classes, min_area)
+        self.queries = [
+            q
+            for q in query_images(index, classes, min_area)
+            if pick_class(np.random.default_rng(0), index[q], self.pools, q)
+        ]
+        if not self.queries:
+            raise DataError(f"no training image of {source.name} contains the base classes {classes}")
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        # Torch's RNG is seeded per worker (seed_everything(workers=True)), so runs are reproducible.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        self.transform.set_seed(int(rng.integers(2**31)))
+        query = self.queries[i]
+        c = pick_class(rng, self.index[query], self.pools, query)
+        return self._episode(EpisodeSpec(query, c, draw_supports(rng, self.pools[c], query, self.shot)), -1)[
+            0
+        ]
+
+
+class FixedEpisodes(_EpisodeReader):
+    """The saved test episodes; also returns the query label for original-resolution scoring, in the
+    test transform's frame (the raw label, or padded to a square for the PFENet resize)."""
+
+    def __init__(self, source, transform, shot, episodes: list[EpisodeSpec]):
+        super().__init__(source, transform, shot)
+        self.episodes = episodes
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, i: int) -> dict:
+        self.transform.set_seed(i)  # test transforms are deterministic; this keeps any random op so
+        item, q_raw = self._episode(self.episodes[i], i)
+        item["query_mask_orig"] = torch.from_numpy(self.transform.original_frame(q_raw)).long()
+        return item
+
+
+class FewShotDataModule(LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        source: Callable[..., SegmentationSource],
+        train_transform: PairTransform | None = None,
+        test_transform: PairTransform | None = None,
+        fold: int = 0,
+        shot: int = 1,
+        num_folds: int = 4,
+        fold_split: str = "consecutive",
+        train_split: str = "train",
+        test_split: str = "val",
+        min_area: int | None = None,
+        batch_size: int = 8,
+        test_batch_size: int = 8,
+        num_workers: int = 2,
+        num_val_episodes: int = 200,
+        num_test_episodes: int | None = None,
+        test_seed: int = 0,
+        test_order: str | None = None,
+        val_split: str | None = None,
+        exclude_novel_in_train: bool = False,
+        protocol: str | None = None,
+        protocols: Mapping | None = None,
+    ):
+        super().__init__()
+        if shot < 1:
+            raise ConfigError(f"shot={shot}: expected an integer >= 1 (support images per episode)")
+        self.source = source(root=root)  # a partial: the config names the dataset, data.root the place
+        self.protocol = protocol
+        settings = resolve_protocol(protocol, protocols)
+        self.fold, self.shot = fold, shot
+        classes = self.source.class_split(fold, num_folds, fold_split)  # validates fold
+        self.base, self.val_classes, self.novel = classes.train, classes.val, classes.test
+        self.train_split, self.test_split = train_split, test_split
+        self.val_split = val_split or test_split
+        self.min_area = int(min_area if min_area is not None else settings.get("min_area", 0))
+        self.exclude_novel_in_train = exclude_novel_in_train
+        self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
+        self.num_val_episodes = num_val_episodes
+        self.num_test_episodes = int(
+            num_test_episodes if num_test_episodes is not None else settings.get("num_test_episodes", 1000)
+        )
+        self.test_seed = test_seed
+        self.test_order = test_order if test_order is not None else settings.get("test_order", "image")
+        if self.test_order not in TEST_ORDERS:
+            raise ConfigError(f"data.test_order={self.test_order!r}: expected one of {list(TEST_ORDERS)}")
+        self.eval_resolution = settings.get("eval_resolution", "input")  # read by FewShotSegModule
+        if train_transform is None or test_transform is None:
+            if not settings:
+                raise ConfigError("data.train_transform / data.test_transform are null and data.protocol is not set: "
+                                  "give the transforms or choose a protocol (protocol=pfenet|hsnet)")  # fmt: skip
+            made = protocol_transforms(
+                settings["train"], settings["test"], settings["size"], settings.get("scale")
+            )
+            train_transform = train_transform or made[0]
+            test_transform = test_transform or made[1]
+        self.train_transform, self.test_transform = train_transform, test_transform
+        self._indexes: dict[tuple[str, bool], ClassIndex] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.class_names
+
+    def _index(self, split: str, exclude_novel: bool = False) -> ClassIndex:
+        """The split's class index, restricted to the (image, class) pairs its list names, if any.
+        exclude_novel (BAM): without the images that show any class not trained on (judged on the
+        full label, before the list's restriction); otherwise such objects are background."""
+        key = (split, exclude_novel)
+        if key not in self._indexes:
+            index = load_class_index(self.source, split)
+            if exclude_novel:
+                index = without_classes(index, self.base)
+            self._indexes[key] = restrict_index(index, self.source.split_pairs(split))
+        return self._indexes[key]
+
+    def _episodes(self, split: str, classes: list[int], num_episodes: int, seed: int) -> list[EpisodeSpec]:
+        return load_or_create_episodes(
+            self.source.cache_dir(), f"{self.source.name}_{split}_fold{self.fold}_shot{self.shot}",
+            self._index(split), classes=classes, shot=self.shot, num_episodes=num_episodes, seed=seed,
+            min_area=self.min_area, order=self.test_order,
+        )  # fmt: skip
+
+    def _val_episodes(self) -> list[EpisodeSpec]:
+        return self._episodes(self.val_split, self.val_classes, self.num_val_episodes, self.test_seed + 1)
+
+    def _test_episodes(self, num_episodes: int | None = None, seed: int | None = None) -> list[EpisodeSpec]:
+        n = self.num_test_episodes if num_episodes is None else num_episodes
+        return self._episodes(self.test_split, self.novel, n, self.test_seed if seed is None else seed)
+
+    def prepare_data(self) -> None:
+        # Rank 0 only: generate/check the data, build the class indexes and the episode files once.
+        self.source.prepare()
+        self._index(self.train_split)
+        self._val_episodes()
+        self._test_episodes()
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = TrainEpisodes(
+                self.source,
+                self.train_transform,
+                self.shot,
+                self._index(self.train_split, self.exclude_novel_in_train),
+                self.base,
+                self.min_area,
+            )
+            self.val_set = FixedEpisodes(self.source, self.test_transform, self.shot, self._val_episodes())
+        if stage in (None, "test", "validate"):
+            self.test_set = FixedEpisodes(self.source, self.test_transform, self.shot, self._test_episodes())
+            if stage == "validate":
+                self.val_set = self.test_set
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if not shuffle and world > 1:
+            # Each episode exactly once across ranks (Lightning's default sampler pads with repeats,
+            # which would count some episodes twice), so DDP gives the one-process metric.
+            sampler = UnrepeatedDistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=self.num_workers,
+            sampler=sampler, collate_fn=collate_episodes, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.test_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.test_batch_size, shuffle=False)

@@ -1,0 +1,39 @@
+"""The Episode batch: what every dataset yields and every method consumes.
+
+An episode is one query image with K support images of one target class. Masks are binary
+relative to that class: 1 = target, 0 = anything else, 255 = ignore (object boundaries and padding).
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+from torch.utils.data import default_collate
+
+IGNORE_INDEX = 255
+
+
+class Episode(TypedDict, total=False):
+    query_img: torch.Tensor  # [B,3,H,W] float, normalised
+    query_mask: torch.Tensor  # [B,H,W] long in {0,1,255}
+    support_imgs: torch.Tensor  # [B,K,3,H,W] float
+    support_masks: torch.Tensor  # [B,K,H,W] long in {0,1,255}
+    class_id: torch.Tensor  # [B] long, the dataset's own contiguous class id (1..N)
+    episode_idx: torch.Tensor  # [B] long, position in the fixed test list (-1 in training)
+    query_id: list[str]  # image ids, for logging and for proving which episode ran
+    support_ids: list[list[str]]  # [B][K]
+    query_mask_orig: list[torch.Tensor]  # binarised label at original resolution, in the test transform's frame (eval only):
+    # [h_i,w_i] for a squash resize; padded with 255 to [L,L], L = max(h_i,w_i), for the PFENet resize
+
+
+# Keys that cannot be stacked (variable sizes or strings) and are kept as lists.
+_LIST_KEYS = ("query_id", "support_ids", "query_mask_orig")
+
+
+def collate_episodes(items: list[dict]) -> Episode:
+    """Stack tensors; keep ids and original-size labels as lists."""
+    lists = {k: [it.pop(k) for it in items] for k in _LIST_KEYS if k in items[0]}
+    batch = default_collate(items)
+    batch.update(lists)
+    return batch

@@ -1,0 +1,172 @@
+"""Image + mask pipelines (albumentations 2.x), applied to every image of an episode separately.
+
+- train_transform: the PFENet family's augmentation (ASGNet `util/transform.py`): random scale, rotate
+  +-10 deg (p=0.5, padded with the mean pixel / 255), 5x5 Gaussian blur (p=0.5), horizontal flip
+  (p=0.5), then a random crop padded with the mean pixel / 255 and re-drawn (up to 31 crops) until it
+  keeps 85 % of the object's pixels.
+- pad_transform: the PFENet family's test resize: the longer side to `size`, both sides floored to a
+  multiple of 8, at the top-left of a size x size canvas of raw pixel value 0 (label 255).
+- resize_transform: squash-resize to size x size (HSNet for training and test, PANet).
+
+A transform also says in which frame original-resolution scoring compares (`original_frame`): the
+raw label for a squash resize; the raw label padded with 255 to a square of side max(H, W) for the
+PFENet resize, whose logits are upsampled to that square (protocol.md 3.2).
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_PIXEL = tuple(255 * m for m in IMAGENET_MEAN)
+_STD_PIXEL = tuple(255 * s for s in IMAGENET_STD)
+IGNORE = 255
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+    return img, torch.from_numpy(np.ascontiguousarray(mask)).long()
+
+
+class PairTransform:
+    """Wraps an albumentations pipeline: (HxWx3 uint8, HxW uint8 mask) -> ([3,H,W] float, [H,W] long)."""
+
+    def __init__(self, ops: list, keep_foreground_tries: int = 1):
+        self.pipeline = A.Compose([*ops, A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        # Random ops can remove the whole object; redraw up to this many times.
+        self.keep_foreground_tries = keep_foreground_tries
+
+    def set_seed(self, seed: int) -> None:
+        self.pipeline.set_random_seed(seed)
+
+    def original_frame(self, label: np.ndarray) -> np.ndarray:
+        """The raw label as original-resolution scoring sees it (see the module docstring)."""
+        return label
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        had_foreground = bool((mask == 1).any())
+        for _ in range(self.keep_foreground_tries):
+            out = self.pipeline(image=image, mask=mask)
+            if not had_foreground or (out["mask"] == 1).any():
+                break
+        return _to_tensors(out["image"], out["mask"])
+
+
+class AugmentTransform(PairTransform):
+    """PFENet-family training augmentation with its crop rule (the crop is re-drawn, not the rest)."""
+
+    def __init__(self, ops: list, crop_size: int, keep_foreground_tries: int = 31, keep_ratio: float = 0.85):
+        self.before_crop = A.Compose(ops)
+        self.normalise = A.Compose([A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.crop_size, self.keep_foreground_tries, self.keep_ratio = (
+            crop_size,
+            keep_foreground_tries,
+            keep_ratio,
+        )
+        self._rng = np.random.default_rng(0)
+
+    def set_seed(self, seed: int) -> None:
+        self.before_crop.set_random_seed(seed)
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.before_crop(image=image, mask=mask)
+        image, mask = out["image"], out["mask"]
+        (h, w), cs = mask.shape, self.crop_size
+        total = int((mask == 1).sum())
+        for _ in range(max(1, self.keep_foreground_tries)):
+            y, x = int(self._rng.integers(h - cs + 1)), int(self._rng.integers(w - cs + 1))
+            if (mask[y : y + cs, x : x + cs] == 1).sum() >= self.keep_ratio * total:
+                break
+        image, mask = image[y : y + cs, x : x + cs], mask[y : y + cs, x : x + cs]
+        return _to_tensors(self.normalise(image=image)["image"], mask)
+
+
+def train_transform(
+    crop_size: int,
+    scale: tuple[float, float] = (0.9, 1.1),
+    rotate: float = 10.0,
+    blur_p: float = 0.5,
+    flip_p: float = 0.5,
+    keep_foreground_tries: int = 31,
+) -> PairTransform:
+    """The PFENet family's augmentation; scale [0.9, 1.1] on PASCAL, [0.8, 1.25] on COCO."""
+    ops = [
+        A.RandomScale(scale_limit=(scale[0] - 1, scale[1] - 1), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        A.Rotate(limit=rotate, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=_MEAN_PIXEL, fill_mask=IGNORE, p=0.5 if rotate else 0.0),
+        # cv2.GaussianBlur(img, (5, 5), 0) as PFENet: sigma = 0.3 * ((5 - 1) / 2 - 1) + 0.8 = 1.1
+        A.GaussianBlur(blur_limit=(5, 5), sigma_limit=(1.1, 1.1), p=blur_p),
+        A.HorizontalFlip(p=flip_p),
+        A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT,
+                      fill=_MEAN_PIXEL, fill_mask=IGNORE),
+    ]  # fmt: skip
+    return AugmentTransform(ops, crop_size, keep_foreground_tries)
+
+
+def resize_transform(size: int, flip_p: float = 0.0) -> PairTransform:
+    """Squash-resize to size x size (HSNet, PANet); with flip_p > 0 it is PANet's training pipeline."""
+    ops = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
+    if flip_p:
+        ops.append(A.HorizontalFlip(p=flip_p))
+    return PairTransform(ops)
+
+
+def pfenet_resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """PFENet's `Resize.find_new_hw`: the longer side to `size`, then both sides floored to a multiple
+    of 8 (so 473 becomes 472)."""
+    nh, nw = (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
+    return max(1, nh - nh % 8 or nh), max(1, nw - nw % 8 or nw)
+
+
+class PadTransform(PairTransform):
+    """PFENet's test resize (aspect kept, top-left on a size x size canvas; image 0, label 255)."""
+
+    def __init__(self, size: int):
+        super().__init__([])
+        self.size = size
+
+    def set_seed(self, seed: int) -> None:  # deterministic
+        pass
+
+    def original_frame(self, label: np.ndarray) -> np.ndarray:
+        side = max(label.shape)
+        out = np.full((side, side), IGNORE, np.uint8)
+        out[: label.shape[0], : label.shape[1]] = label
+        return out
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        nh, nw = pfenet_resized_shape(*mask.shape, self.size)
+        canvas = np.zeros((self.size, self.size, 3), np.float32)  # raw 0: normalised black, as PFENet
+        canvas[:nh, :nw] = cv2.resize(image.astype(np.float32), (nw, nh), interpolation=cv2.INTER_LINEAR)
+        label = np.full((self.size, self.size), IGNORE, np.uint8)
+        label[:nh, :nw] = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        canvas = (canvas - np.float32(_MEAN_PIXEL)) / np.float32(_STD_PIXEL)
+        return _to_tensors(canvas, label)
+
+
+def pad_transform(size: int) -> PairTransform:
+    return PadTransform(size)
+
+
+def protocol_transforms(train: str, test: str, size: int, scale: tuple[float, float] | None = None,
+                        rotate: float = 10.0) -> tuple[PairTransform, PairTransform]:  # fmt: skip
+    """The (train, test) transforms a protocol names: train augment|resize, test pad|resize."""
+    if train == "augment":
+        train_t = train_transform(size, tuple(scale or (0.9, 1.1)), rotate)
+    elif train == "resize":
+        train_t = resize_transform(size)
+    else:
+        raise ValueError(f"train={train!r}: expected 'augment' or 'resize'")
+    if test == "pad":
+        test_t = pad_transform(size)
+    elif test == "resize":
+        test_t = resize_transform(size)
+    else:
+        raise ValueError(f"test={test!r}: expected 'pad' or 'resize'")
+    return train_t, test_t
