@@ -180,7 +180,9 @@ def test_seeds_come_from_the_support_masks(monkeypatch):
         assert seen["counts"][i] == len(expected)
         assert seen["seeds"][i, : len(expected)].tolist() == expected.tolist()
     fg = (batch["support_masks"].flatten(0, 1) == 1).float()[:, None]
-    torch.testing.assert_close(seen["mask"], F.interpolate(fg, size=(9, 9), mode="bilinear", align_corners=True))
+    torch.testing.assert_close(
+        seen["mask"], F.interpolate(fg, size=(9, 9), mode="bilinear", align_corners=True)
+    )
 
 
 @pytest.mark.parametrize("case", ["empty", "one_pixel", "all_ignore", "far_features"])

@@ -66,7 +66,11 @@ def pspnet_reference(body, x):
             y = F.relu(_bn(blk.bn1, F.conv2d(x, blk.conv1.weight)))
             y = F.relu(_bn(blk.bn2, F.conv2d(y, blk.conv2.weight, stride=st, padding=d, dilation=d)))
             y = _bn(blk.bn3, F.conv2d(y, blk.conv3.weight))
-            short = x if blk.downsample is None else _bn(blk.downsample[1], F.conv2d(x, blk.downsample[0].weight, stride=st))
+            short = (
+                x
+                if blk.downsample is None
+                else _bn(blk.downsample[1], F.conv2d(x, blk.downsample[0].weight, stride=st))
+            )
             x = F.relu(y + short)
         out[stage] = x
     return out
@@ -87,7 +91,14 @@ def test_psp_matches_independent_reference():
         torch.testing.assert_close(got[layer], ref[layer], rtol=1e-9, atol=1e-9)
 
 
-PSP_STEM = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2", "conv1.6": "conv3", "bn1": "bn3"}
+PSP_STEM = {
+    "conv1.0": "conv1",
+    "conv1.1": "bn1",
+    "conv1.3": "conv2",
+    "conv1.4": "bn2",
+    "conv1.6": "conv3",
+    "bn1": "bn3",
+}
 
 
 def fake_pspnet_state(with_tracked=True):
@@ -131,7 +142,14 @@ def test_psp_key_remap_from_pspnet_checkpoint(tmp_path, with_tracked, caplog):
 
 def test_psp_loads_pfenet_model_layout_and_rejects_wrong_shapes(tmp_path, caplog):
     state = fake_pspnet_state()
-    stem = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2": "layer0.4", "conv3": "layer0.6", "bn3": "layer0.7"}
+    stem = {
+        "conv1": "layer0.0",
+        "bn1": "layer0.1",
+        "conv2": "layer0.3",
+        "bn2": "layer0.4",
+        "conv3": "layer0.6",
+        "bn3": "layer0.7",
+    }
     model_state = {}
     for key, value in state.items():
         head, _, rest = key.partition(".")
@@ -146,7 +164,9 @@ def test_psp_loads_pfenet_model_layout_and_rejects_wrong_shapes(tmp_path, caplog
 
     state["layer2.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ConfigError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 1, 1\).*expects \(128, 256, 1, 1\)"):
+    with pytest.raises(
+        ConfigError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 1, 1\).*expects \(128, 256, 1, 1\)"
+    ):
         Backbone("resnet50_psp", layers=["layer2"], weights=str(tmp_path / "bad.pth"))
 
 
@@ -202,7 +222,11 @@ def test_vgg16_panet_layout_parameters_and_stride():
     assert out["block5"].shape == (1, 512, 53, 53) and out["block4"].shape == (1, 512, 53, 53)
     feats = b.body.features
     assert [i for i, m in enumerate(feats) if isinstance(m, torch.nn.Conv2d)] == list(VGG_CONVS)
-    pools = [(i, m.kernel_size, m.stride, m.padding) for i, m in enumerate(feats) if isinstance(m, torch.nn.MaxPool2d)]
+    pools = [
+        (i, m.kernel_size, m.stride, m.padding)
+        for i, m in enumerate(feats)
+        if isinstance(m, torch.nn.MaxPool2d)
+    ]
     assert pools == [(4, 3, 2, 1), (9, 3, 2, 1), (16, 3, 2, 1), (23, 3, 1, 1)]
     assert [feats[i].dilation for i in (21, 24, 26, 28)] == [(1, 1), (2, 2), (2, 2), (2, 2)]
     assert len(feats) == 29  # no ReLU after conv5_3, no pool5

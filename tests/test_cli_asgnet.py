@@ -8,18 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 
+from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.evaluate import load_run
 from fewshotseg.train import train
 
 
 def test_method_asgnet_trains_and_its_checkpoint_reloads(tmp_path, data_dir):
-    args = [*TINY_OVERRIDES, f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", "method=asgnet"]
+    args = [
+        *TINY_OVERRIDES,
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "method=asgnet",
+    ]
     proc = run_cli("fewshotseg.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"test mIoU:\s+[\d.]+", proc.stdout)
@@ -32,19 +39,26 @@ def test_method_asgnet_trains_and_its_checkpoint_reloads(tmp_path, data_dir):
     assert module.method.down_conv[0].in_channels == 128 + 256  # resnet18 layer2 + layer3
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["method=asgnet", "backbone=resnet50_psp", "shot=2"],  # frozen, BN drifting as in the official code
-        ["method=panet", "backbone=vgg16_panet", "method.model.feature_layer=block5"],
-    ],
-    ids=["asgnet-resnet50_psp", "panet-vgg16"],
-)
-def test_paper_backbones_train_a_few_steps(tmp_path, data_dir, overrides):
-    cfg = compose_train_cfg(tmp_path, data_dir, [*overrides, "test=false", "data.num_val_episodes=4"])
-    train(cfg)
+def test_asgnet_on_the_psp_backbone_trains_a_few_steps(tmp_path, data_dir):
+    short = [
+        "test=false",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "+trainer.num_sanity_val_steps=0",
+    ]
+    train(compose_train_cfg(tmp_path, data_dir, ["method=asgnet", "backbone=resnet50_psp", *short]))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 4
+    assert state["global_step"] == 2
+    # frozen backbone, BatchNorm statistics drifting as in the official code
+    drifted = state["state_dict"]["method.backbone.body.bn1.num_batches_tracked"]
+    assert drifted == 2 * 2  # 2 steps x (query call + 1 shot call)
+
+
+def build_on_meta(cfg):
+    """The configured model with random weights on the meta device (no weight files, no compute)."""
+    model_cfg = OmegaConf.merge(cfg.method.model, {"backbone": {"weights": None}})
+    with torch.device("meta"):
+        return instantiate(model_cfg)
 
 
 def compose_plain(overrides: list[str]):
@@ -68,6 +82,8 @@ def test_asgnet_pascal_presets(name, backbone, weights):
     assert cfg.data.batch_size == 4 and cfg.data.protocol == "pfenet" and cfg.trainer.max_epochs == 200
     assert cfg.data.protocols.pfenet.size == 473 and list(cfg.data.protocols.pfenet.scale) == [0.9, 1.1]
     assert cfg.shot == 5 and cfg.data.shot == 5 and cfg.data.fold == 3
+    model = build_on_meta(cfg)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 10_423_818
     # a user's backbone override still wins over the preset's
     assert compose_plain([f"experiment={name}", "backbone=resnet18"]).backbone.name == "resnet18"
 
@@ -80,18 +96,56 @@ def test_panet_preset():
     assert list(cfg.method.scheduler.milestones) == [10000, 20000]
     assert cfg.trainer.max_steps == 30000 and cfg.data.batch_size == 1
     assert OmegaConf.to_container(cfg.data.train_transform) == {
-        "_target_": "fewshotseg.data.transforms.resize_transform", "size": 417, "flip_p": 0.5}
+        "_target_": "fewshotseg.data.transforms.resize_transform",
+        "size": 417,
+        "flip_p": 0.5,
+    }
     assert cfg.data.test_transform.size == 417 and cfg.eval_resolution == "input"
+    model = build_on_meta(cfg)
+    assert sum(p.numel() for p in model.backbone.parameters()) == 14_714_688
 
 
 COCO_CONF = Path(CONFIG_DIR) / "data" / "coco.yaml"
 
 
-@pytest.mark.skipif(not COCO_CONF.is_file(), reason="conf/data/coco.yaml is not there yet (COCO support lands separately)")
+@pytest.mark.skipif(
+    not COCO_CONF.is_file(), reason="conf/data/coco.yaml is not there yet (COCO support lands separately)"
+)
 def test_asgnet_coco_preset():
     cfg = compose_plain(["experiment=asgnet_coco_r50", "fold=2"])
     assert cfg.backbone.name == "resnet50_psp"
     assert list(cfg.method.model.bins) == [1.0, 0.5, 0.25, 0.125]
     assert cfg.method.optimizer.lr == 0.05 and cfg.data.batch_size == 8
-    assert cfg.data.protocol == "pfenet" and cfg.data.protocols.pfenet.size == 641 and cfg.trainer.max_epochs == 50
+    assert (
+        cfg.data.protocol == "pfenet"
+        and cfg.data.protocols.pfenet.size == 641
+        and cfg.trainer.max_epochs == 50
+    )
     assert cfg.data.fold == 2 and cfg.data.fold_split == "interleaved"
+
+
+@pytest.mark.skipif(
+    not COCO_CONF.is_file(), reason="conf/data/coco.yaml is not there yet (COCO support lands separately)"
+)
+def test_method_asgnet_data_coco_fold2(tmp_path):
+    """The user's example, `method=asgnet data=coco fold=2`, on a COCO-layout fixture."""
+    sources = pytest.importorskip("test_sources")  # the COCO source tests' fixture writer
+    root = tmp_path / "COCO2014"
+    sources.make_coco(root)
+    overrides = [
+        "method=asgnet", "data=coco", "fold=2", f"data.root={root}", "debug=tiny", "data.min_area=0",
+        "data.protocols.pfenet.size=57", "data.test_batch_size=4", "~callbacks.progress_bar",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
+    ]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg.hydra
+    assert cfg.data.fold_split == "interleaved" and cfg.data.protocol == "pfenet"
+    results = train(cfg)
+    assert 0.0 <= results["miou"] <= 1.0
+    fold2 = {sources.coco_names()[c - 1] for c in range(3, 81, 4)}  # interleaved: classes 4k + 3
+    assert results["iou_per_class"] and set(results["iou_per_class"]) <= fold2

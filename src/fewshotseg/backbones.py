@@ -37,7 +37,14 @@ PSP_DILATION = {"layer3": 2, "layer4": 4}
 
 # PSPNet stem names -> timm deep-stem names (backbones.md §7.1); `layer0.i` is the stem as the
 # PFENet/ASGNet models wrap it (Sequential conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, ...).
-_PSP_STEM = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv1.3", "bn2": "conv1.4", "conv3": "conv1.6", "bn3": "bn1"}
+_PSP_STEM = {
+    "conv1": "conv1.0",
+    "bn1": "conv1.1",
+    "conv2": "conv1.3",
+    "bn2": "conv1.4",
+    "conv3": "conv1.6",
+    "bn3": "bn1",
+}
 _PFENET_STEM = {"layer0.0": "conv1.0", "layer0.1": "conv1.1", "layer0.3": "conv1.3", "layer0.4": "conv1.4",
                 "layer0.6": "conv1.6", "layer0.7": "bn1"}  # fmt: skip
 
@@ -198,7 +205,9 @@ def _check_layers(name: str, layers: list[str], available: list[str]) -> list[st
     return sorted(set(layers), key=available.index)
 
 
-def _timm_body(name: str, layers: list[str], output_stride: int | None, pretrained: bool, **kwargs) -> nn.Module:
+def _timm_body(
+    name: str, layers: list[str], output_stride: int | None, pretrained: bool, **kwargs
+) -> nn.Module:
     with torch.device("meta"):  # find the feature indices of the named layers without allocating
         probe = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
     available = probe.feature_info.module_name()
@@ -228,7 +237,9 @@ class Backbone(nn.Module):
         self._remap: Callable[[dict], dict] = dict
         if name in PSP_RESNETS or name == "vgg16_panet":
             if output_stride not in (None, 8):
-                raise ConfigError(f"backbone {name!r} has output stride 8 only, got backbone.output_stride={output_stride}")
+                raise ConfigError(
+                    f"backbone {name!r} has output stride 8 only, got backbone.output_stride={output_stride}"
+                )
         if name in PSP_RESNETS:
             self.body = _timm_body(PSP_RESNETS[name], layers, 8, download, **timm_kwargs)
             psp_dilate(self.body)
@@ -240,7 +251,10 @@ class Backbone(nn.Module):
             self._remap = panet_vgg_keys
             if download:  # timm's vgg16.tv_in1k = torchvision's vgg16-397923af weights
                 tv = timm.create_model("vgg16.tv_in1k", pretrained=True)
-                self._load_state({k: v for k, v in tv.state_dict().items() if k.startswith("features.")}, "timm vgg16.tv_in1k")
+                self._load_state(
+                    {k: v for k, v in tv.state_dict().items() if k.startswith("features.")},
+                    "timm vgg16.tv_in1k",
+                )
         else:
             self.body = _timm_body(name, layers, output_stride, download, **timm_kwargs)
         if isinstance(self.body, PANetVGG16):
@@ -266,15 +280,31 @@ class Backbone(nn.Module):
         own = self.body.state_dict()
         matched = {k: v for k, v in state.items() if k in own}
         if not matched:
-            raise ConfigError(f"no tensor of {source} matches a parameter of backbone {self.name!r} (e.g. {next(iter(own))!r})")
+            raise ConfigError(
+                f"no tensor of {source} matches a parameter of backbone {self.name!r} (e.g. {next(iter(own))!r})"
+            )
         for k, v in matched.items():
             if tuple(v.shape) != tuple(own[k].shape):
-                raise ConfigError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, backbone {self.name!r} expects {tuple(own[k].shape)}")
+                raise ConfigError(
+                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}, backbone {self.name!r} expects {tuple(own[k].shape)}"
+                )
         self.body.load_state_dict(matched, strict=False)
         missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
         if missing:
-            log.warning("%s lacks %d tensors of backbone %r (left at init), e.g. %s", source, len(missing), self.name, missing[:5])
-        log.info("loaded %d tensors from %s into backbone %r (%d file tensors unused)", len(matched), source, self.name, len(state) - len(matched))
+            log.warning(
+                "%s lacks %d tensors of backbone %r (left at init), e.g. %s",
+                source,
+                len(missing),
+                self.name,
+                missing[:5],
+            )
+        log.info(
+            "loaded %d tensors from %s into backbone %r (%d file tensors unused)",
+            len(matched),
+            source,
+            self.name,
+            len(state) - len(matched),
+        )
 
     @property
     def uses_batch_stats(self) -> bool:

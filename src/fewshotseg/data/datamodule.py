@@ -101,11 +101,8 @@ class TrainEpisodes(_EpisodeReader):
         super().__init__(source, transform, shot)
         self.index = index
         self.pools = images_per_class(index, classes, min_area)
-        self.queries = [
-            q
-            for q in query_images(index, classes, min_area)
-            if pick_class(np.random.default_rng(0), index[q], self.pools, q)
-        ]
+        rng = np.random.default_rng(0)  # only asks whether some class of the query can be supported
+        self.queries = [q for q in query_images(index, classes, min_area) if pick_class(rng, index[q], self.pools, q)]
         if not self.queries:
             raise DataError(f"no training image of {source.name} contains the base classes {classes}")
 
@@ -118,9 +115,8 @@ class TrainEpisodes(_EpisodeReader):
         self.transform.set_seed(int(rng.integers(2**31)))
         query = self.queries[i]
         c = pick_class(rng, self.index[query], self.pools, query)
-        return self._episode(EpisodeSpec(query, c, draw_supports(rng, self.pools[c], query, self.shot)), -1)[
-            0
-        ]
+        spec = EpisodeSpec(query, c, draw_supports(rng, self.pools[c], query, self.shot))
+        return self._episode(spec, -1)[0]
 
 
 class FixedEpisodes(_EpisodeReader):
@@ -135,7 +131,7 @@ class FixedEpisodes(_EpisodeReader):
         return len(self.episodes)
 
     def __getitem__(self, i: int) -> dict:
-        self.transform.set_seed(i)  # test transforms are deterministic; this keeps any random op so
+        self.transform.set_seed(i)  # seeded by position: a random op added to a test pipeline stays reproducible
         item, q_raw = self._episode(self.episodes[i], i)
         item["query_mask_orig"] = torch.from_numpy(self.transform.original_frame(q_raw)).long()
         return item

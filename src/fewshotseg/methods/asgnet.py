@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshotseg.data.episode import Episode
+from fewshotseg.errors import ConfigError
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.ops.superpixel import (
     batched_superpixel_clustering,
@@ -76,7 +77,9 @@ class ASGNet(nn.Module):
         self.backbone = backbone(layers=self.feature_layers)
         in_channels = sum(self.backbone.channels[layer] for layer in self.feature_layers)
         self.stride = self.backbone.reduction[self.feature_layers[0]]
-        self.down_conv = nn.Sequential(nn.Conv2d(in_channels, reduce_dim, 1, bias=False), nn.Dropout2d(p=dropout))
+        self.down_conv = nn.Sequential(
+            nn.Conv2d(in_channels, reduce_dim, 1, bias=False), nn.Dropout2d(p=dropout)
+        )
         self.fem = FEM(2 * reduce_dim + 1, bins=bins, reduce_dim=reduce_dim)
         self.max_sp, self.avg_sp_area = max_sp, avg_sp_area
         self.train_iter, self.eval_iter = train_iter, eval_iter
@@ -86,7 +89,10 @@ class ASGNet(nn.Module):
         feats = self.backbone(images)
         maps = [feats[layer] for layer in self.feature_layers]
         size = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps]
+        maps = [
+            m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+            for m in maps
+        ]
         return self.down_conv(torch.cat(maps, 1))
 
     @torch.no_grad()
@@ -95,7 +101,7 @@ class ASGNet(nn.Module):
         -> ([N, max_sp, C], valid [N, max_sp])."""
         (h, w), (H, W) = s_feat.shape[-2:], s_labels.shape[-2:]
         if seed_grid_shape(H, W, self.stride) != (h, w):
-            raise ValueError(
+            raise ConfigError(
                 f"ASGNet: {H}x{W} support masks give a {seed_grid_shape(H, W, self.stride)} seed grid at stride "
                 f"{self.stride}, but the features are {h}x{w}; the backbone must have output stride {self.stride} "
                 "with feature side int((H - 1) / stride + 1) (e.g. 473 -> 60)"

@@ -125,7 +125,10 @@ def inner_loss(inner: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     Pixel-mean CE like the main loss, but 0 rather than NaN when every pixel is ignored."""
     counted = (target != IGNORE_INDEX).sum().clamp(min=1)
     losses = [
-        F.cross_entropy(upsample_logits(x, target.shape[-2:]), target, ignore_index=IGNORE_INDEX, reduction="sum") / counted
+        F.cross_entropy(
+            upsample_logits(x, target.shape[-2:]), target, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        / counted
         for x in inner
     ]
     return torch.stack(losses).mean()
