@@ -26,6 +26,7 @@ def test_method_asgnet_trains_and_its_checkpoint_reloads(tmp_path, data_dir):
         f"paths.data_dir={data_dir}",
         f"paths.log_dir={tmp_path / 'logs'}",
         "method=asgnet",
+        "backbone=resnet18",  # ASGNet's own default is the paper's frozen resnet50_psp
     ]
     proc = run_cli("fewshotseg.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,6 +146,10 @@ def test_method_asgnet_data_coco_fold2(tmp_path):
         cfg.paths.output_dir = str(tmp_path)
         del cfg.hydra
     assert cfg.data.fold_split == "interleaved" and cfg.data.protocol == "pfenet"
+    # The paper's setting comes with the method and dataset alone (conf/preset/asgnet_coco.yaml).
+    assert cfg.backbone.name == "resnet50_psp" and cfg.backbone.frozen and cfg.backbone.bn_mode == "train"
+    assert cfg.method.optimizer.lr == 0.05 and list(cfg.method.model.bins) == [1.0, 0.5, 0.25, 0.125]
+    assert cfg.seed == 321
     results = train(cfg)
     assert 0.0 <= results["miou"] <= 1.0
     fold2 = {sources.coco_names()[c - 1] for c in range(3, 81, 4)}  # interleaved: classes 4k + 3

@@ -272,6 +272,12 @@ class Backbone(nn.Module):
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.body.modules())
         if frozen:
             self.body.requires_grad_(False)
+            if not weights and not pretrained and next(self.body.parameters()).device.type != "meta":
+                log.warning(
+                    "backbone %s is frozen with random weights: its features will not improve. Give "
+                    "backbone.weights=<file> (or backbone.pretrained=true), or train it: backbone.frozen=false",
+                    name,
+                )
 
     def _load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy every tensor whose (remapped) name is a backbone tensor; a shape mismatch is an error,
