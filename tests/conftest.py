@@ -65,7 +65,7 @@ def compose_train_cfg(tmp_path: Path, data_dir: Path, overrides: list[str] = ())
     return cfg
 
 
-def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python -m module args` as a user would; returns the finished process (no check).
     `env` entries set to None are removed from the environment."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_SILENT": "true", **(env or {})}

@@ -133,7 +133,7 @@ def test_bad_input_gives_clear_error(tmp_path, data_dir, override, message):
 def test_sweep_launchers(tmp_path, data_dir, launcher):
     # joblib (local parallel) and submitit's local executor (the SLURM code path, on this machine).
     args = cli_args(tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1", "test=false", f"hydra/launcher={launcher}")
-    proc = run_cli("fewshotseg.train", "-m", *args, cwd=tmp_path, timeout=600)
+    proc = run_cli("fewshotseg.train", "-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
     for job in ("0", "1"):
