@@ -28,7 +28,13 @@ def datamodule(args, num_workers: int, batch_size: int = 8) -> FewShotDataModule
 
 @section("data")
 def data_loading(args) -> list[dict]:
-    rows = [{"name": "synthetic benchmark generation (1500 images)", "value": synthetic_root(args.workdir) and synthetic_root.generation_s, "unit": "s"}]
+    rows = [
+        {
+            "name": "synthetic benchmark generation (1500 images)",
+            "value": synthetic_root(args.workdir) and synthetic_root.generation_s,
+            "unit": "s",
+        }
+    ]
     batches = 5 if args.quick else 25
     for workers in (0, 2):
         dm = datamodule(args, workers)
@@ -39,8 +45,20 @@ def data_loading(args) -> list[dict]:
                 count += batch["query_img"].shape[0]
             return count
 
-        rows.append({"name": f"train episodes/s (1-shot, 113px, workers={workers})", "value": timed(lambda: epoch(dm.train_dataloader)), "unit": "episodes/s"})  # noqa: B023
-        rows.append({"name": f"test episodes/s (1-shot, 113px, workers={workers})", "value": timed(lambda: epoch(dm.test_dataloader)), "unit": "episodes/s"})  # noqa: B023
+        rows.append(
+            {
+                "name": f"train episodes/s (1-shot, 113px, workers={workers})",
+                "value": timed(lambda: epoch(dm.train_dataloader)),
+                "unit": "episodes/s",
+            }
+        )  # noqa: B023
+        rows.append(
+            {
+                "name": f"test episodes/s (1-shot, 113px, workers={workers})",
+                "value": timed(lambda: epoch(dm.test_dataloader)),
+                "unit": "episodes/s",
+            }
+        )  # noqa: B023
     return rows
 
 
@@ -48,7 +66,9 @@ def data_loading(args) -> list[dict]:
 def panet(args) -> list[dict]:
     device = args.device
     torch.manual_seed(0)
-    model = PANet(functools.partial(Backbone, name="resnet18", output_stride=8), feature_layer="layer3").to(device)
+    model = PANet(functools.partial(Backbone, name="resnet18", output_stride=8), feature_layer="layer3").to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     rows = []
     steps = 3 if args.quick else 10
@@ -62,7 +82,7 @@ def panet(args) -> list[dict]:
         }
         batch = {k: v.to(device) for k, v in batch.items()}
 
-        def train_steps():
+        def train_steps(batch=batch, batch_size=batch_size):
             model.train()
             for _ in range(steps):
                 logits, aux = model(batch)
@@ -74,7 +94,7 @@ def panet(args) -> list[dict]:
             return steps * batch_size
 
         @torch.no_grad()
-        def eval_steps():
+        def eval_steps(batch=batch, batch_size=batch_size):
             model.eval()
             for _ in range(steps):
                 model(batch)
@@ -86,5 +106,11 @@ def panet(args) -> list[dict]:
         rows.append({"name": f"PANet eval ({tag})", "value": timed(eval_steps), "unit": "episodes/s"})
     rows.append({"name": "peak RSS so far", "value": peak_rss_mib(), "unit": "MiB"})
     if device.type == "cuda":
-        rows.append({"name": "peak GPU memory (PANet)", "value": torch.cuda.max_memory_allocated() / 2**20, "unit": "MiB"})
+        rows.append(
+            {
+                "name": "peak GPU memory (PANet)",
+                "value": torch.cuda.max_memory_allocated() / 2**20,
+                "unit": "MiB",
+            }
+        )
     return rows

@@ -52,7 +52,12 @@ def compose_train_cfg(tmp_path: Path, data_dir: Path, overrides: list[str] = ())
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=[*TINY_OVERRIDES, f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}", *overrides],
+            overrides=[
+                *TINY_OVERRIDES,
+                f"paths.data_dir={data_dir}",
+                f"paths.log_dir={tmp_path}",
+                *overrides,
+            ],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -65,11 +70,18 @@ def compose_train_cfg(tmp_path: Path, data_dir: Path, overrides: list[str] = ())
     return cfg
 
 
-def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run `python -m module args` as a user would; returns the finished process (no check).
     `env` entries set to None are removed from the environment."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_SILENT": "true", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 
+from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from fewshotseg.train import train
 
 
@@ -60,7 +60,9 @@ def test_resume_continues_at_the_right_step(tmp_path, data_dir):
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4 and state["epoch"] == 0
 
-    resumed = compose_train_cfg(tmp_path / "b", data_dir, ["trainer.max_epochs=2", "test=false", f"ckpt_path={last}"])
+    resumed = compose_train_cfg(
+        tmp_path / "b", data_dir, ["trainer.max_epochs=2", "test=false", f"ckpt_path={last}"]
+    )
     train(resumed)
     state2 = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state2["global_step"] == 8 and state2["epoch"] == 1  # 4 more steps, not 8 from scratch
@@ -86,7 +88,12 @@ def test_ddp_two_processes_equals_one_process(tmp_path, data_dir):
 
 
 def test_multirun_two_jobs(tmp_path, data_dir):
-    proc = run_cli("fewshotseg.train", "-m", *cli_args(tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1"), cwd=tmp_path)
+    proc = run_cli(
+        "fewshotseg.train",
+        "-m",
+        *cli_args(tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
@@ -98,7 +105,12 @@ def test_multirun_two_jobs(tmp_path, data_dir):
 
 def test_wandb_offline_without_account(tmp_path, data_dir):
     # No account: no API key, no netrc, a fresh HOME, and no WANDB_MODE chosen by the user.
-    env = {"WANDB_API_KEY": None, "WANDB_MODE": None, "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path)}
+    env = {
+        "WANDB_API_KEY": None,
+        "WANDB_MODE": None,
+        "NETRC": str(tmp_path / "no-netrc"),
+        "HOME": str(tmp_path),
+    }
     proc = run_cli("fewshotseg.train", *cli_args(tmp_path, data_dir, "logger=many", "trainer.max_epochs=1"),
                    cwd=tmp_path, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,9 +144,13 @@ def test_bad_input_gives_clear_error(tmp_path, data_dir, override, message):
 @pytest.mark.parametrize("launcher", ["local_parallel", "submitit_local_runs"])
 def test_sweep_launchers(tmp_path, data_dir, launcher):
     # joblib (local parallel) and submitit's local executor (the SLURM code path, on this machine).
-    args = cli_args(tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1", "test=false", f"hydra/launcher={launcher}")
+    args = cli_args(
+        tmp_path, data_dir, "fold=0,1", "trainer.max_epochs=1", "test=false", f"hydra/launcher={launcher}"
+    )
     proc = run_cli("fewshotseg.train", "-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
     for job in ("0", "1"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file(), sorted(p.name for p in sweep.rglob("*"))[:40]
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file(), sorted(
+            p.name for p in sweep.rglob("*")
+        )[:40]

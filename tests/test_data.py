@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SMALL
 from fewshotseg.data.datamodule import FewShotDataModule, binarise
 from fewshotseg.data.folds import base_classes, fold_classes
 from fewshotseg.data.index import load_class_index
@@ -13,15 +14,20 @@ from fewshotseg.data.sources.synthetic import SyntheticSource
 from fewshotseg.data.transforms import resize_transform, train_transform
 from fewshotseg.errors import ConfigError, DataError
 
-from conftest import SMALL
-
 
 def make_dm(root, fold=0, shot=1, num_workers=0, **kwargs):
     source = lambda root: SyntheticSource(root, **SMALL)  # noqa: E731
     params = dict(batch_size=3, test_batch_size=5, num_val_episodes=10, num_test_episodes=23)
     params.update(kwargs)
     dm = FewShotDataModule(
-        root, source, train_transform(57), resize_transform(57), fold=fold, shot=shot, num_workers=num_workers, **params
+        root,
+        source,
+        train_transform(57),
+        resize_transform(57),
+        fold=fold,
+        shot=shot,
+        num_workers=num_workers,
+        **params,
     )
     dm.prepare_data()
     return dm
@@ -128,7 +134,9 @@ def test_label_values_outside_class_list(tmp_path):
     from fewshotseg.data.sources.synthetic_gen import generate_synthetic
 
     root = generate_synthetic(tmp_path / "syn", seed=1, num_train=8, num_val=4, image_size=32)
-    Image.fromarray(np.full((32, 32), 42, np.uint8), mode="L").save(root / "SegmentationClassAug" / "train_000001.png")
+    Image.fromarray(np.full((32, 32), 42, np.uint8), mode="L").save(
+        root / "SegmentationClassAug" / "train_000001.png"
+    )
     with pytest.raises(DataError, match=r"train_000001\.png.*\[42\].*0\.\.20"):
         SyntheticSource(root, seed=1, num_train=8, num_val=4, image_size=32).load_label("train_000001")
 

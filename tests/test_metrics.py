@@ -36,7 +36,9 @@ def test_matches_numpy_reference_over_uneven_batches(seed):
     preds, targets, classes = random_episodes(37, num_classes=6, seed=seed)
     metric = FewShotIoU(num_classes=6)
     for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 30), (30, 37)]:  # uneven batches
-        metric.update(torch.from_numpy(preds[lo:hi]), torch.from_numpy(targets[lo:hi]), torch.from_numpy(classes[lo:hi]))
+        metric.update(
+            torch.from_numpy(preds[lo:hi]), torch.from_numpy(targets[lo:hi]), torch.from_numpy(classes[lo:hi])
+        )
     out = metric.compute()
     miou, fbiou, per_class = reference(preds, targets, classes, 6)
     assert out["miou"].item() == pytest.approx(miou, abs=1e-12)
@@ -74,8 +76,12 @@ def test_states_merge_like_ddp():
     preds, targets, classes = random_episodes(20, num_classes=5, seed=7)
     whole, part_a, part_b = FewShotIoU(5), FewShotIoU(5), FewShotIoU(5)
     whole.update(torch.from_numpy(preds), torch.from_numpy(targets), torch.from_numpy(classes))
-    part_a.update(torch.from_numpy(preds[::2]), torch.from_numpy(targets[::2]), torch.from_numpy(classes[::2]))
-    part_b.update(torch.from_numpy(preds[1::2]), torch.from_numpy(targets[1::2]), torch.from_numpy(classes[1::2]))
+    part_a.update(
+        torch.from_numpy(preds[::2]), torch.from_numpy(targets[::2]), torch.from_numpy(classes[::2])
+    )
+    part_b.update(
+        torch.from_numpy(preds[1::2]), torch.from_numpy(targets[1::2]), torch.from_numpy(classes[1::2])
+    )
     part_a.merge_state(part_b)  # what the sum reduction does across ranks
     assert part_a.compute()["miou"].item() == whole.compute()["miou"].item()
     assert part_a.compute()["fbiou"].item() == whole.compute()["fbiou"].item()

@@ -47,12 +47,18 @@ class QualitativeOverlays(Callback):
             return
         n = min(self.max_episodes, batch["query_img"].shape[0])
         panels = [episode_panel(batch, outputs["pred"], i) for i in range(n)]
-        names = [trainer.datamodule.class_names[int(c) - 1] for c in batch["class_id"][:n]] if trainer.datamodule else [""] * n
+        names = (
+            [trainer.datamodule.class_names[int(c) - 1] for c in batch["class_id"][:n]]
+            if trainer.datamodule
+            else [""] * n
+        )
         # default_root_dir (the run folder), not trainer.log_dir: that property is a collective
         # broadcast under DDP and would hang when read on rank 0 only.
         folder = Path(trainer.default_root_dir) / "overlays"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate(panels, axis=0)).save(folder / f"{stage}_step{trainer.global_step:06d}.png")
+        Image.fromarray(np.concatenate(panels, axis=0)).save(
+            folder / f"{stage}_step{trainer.global_step:06d}.png"
+        )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 caption = [f"{name}: supports | prediction | ground truth" for name in names]

@@ -64,7 +64,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def summarise(runs: dict[int, dict]) -> dict:
     def mean_std(values: list[float]) -> dict:
-        return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+        return {
+            "mean": statistics.fmean(values),
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        }
 
     classes = list(next(iter(runs.values()))["iou_per_class"])
     return {
@@ -80,10 +83,20 @@ def format_table(runs: dict[int, dict], summary: dict, datamodule) -> str:
     head = f"{'class':<{width}}" + "".join(f"seed {s:<6}" for s in seeds) + "mean +- std"
     lines = [f"{datamodule.source.name} fold {datamodule.fold}, {datamodule.shot}-shot, "
              f"{len(datamodule.test_set)} episodes per seed", head]  # fmt: skip
-    rows = [(c, [runs[s]["iou_per_class"][c] for s in seeds], summary["iou_per_class"][c]) for c in summary["iou_per_class"]]
-    rows += [("mIoU", [runs[s]["miou"] for s in seeds], summary["miou"]), ("FB-IoU", [runs[s]["fbiou"] for s in seeds], summary["fbiou"])]
+    rows = [
+        (c, [runs[s]["iou_per_class"][c] for s in seeds], summary["iou_per_class"][c])
+        for c in summary["iou_per_class"]
+    ]
+    rows += [
+        ("mIoU", [runs[s]["miou"] for s in seeds], summary["miou"]),
+        ("FB-IoU", [runs[s]["fbiou"] for s in seeds], summary["fbiou"]),
+    ]
     for name, values, ms in rows:
-        lines.append(f"{name:<{width}}" + "".join(f"{100 * v:<11.2f}" for v in values) + f"{100 * ms['mean']:.2f} +- {100 * ms['std']:.2f}")
+        lines.append(
+            f"{name:<{width}}"
+            + "".join(f"{100 * v:<11.2f}" for v in values)
+            + f"{100 * ms['mean']:.2f} +- {100 * ms['std']:.2f}"
+        )
     return "\n".join(lines)
 
 

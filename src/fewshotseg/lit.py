@@ -39,7 +39,9 @@ class FewShotSegModule(LightningModule):
     ):
         super().__init__()
         if eval_resolution not in (None, *EVAL_RESOLUTIONS):
-            raise ValueError(f"eval_resolution={eval_resolution!r}: expected 'input', 'original' or null (the data protocol's)")
+            raise ValueError(
+                f"eval_resolution={eval_resolution!r}: expected 'input', 'original' or null (the data protocol's)"
+            )
         self.method = method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.aux_weights = dict(aux_weights or {})
@@ -87,7 +89,9 @@ class FewShotSegModule(LightningModule):
             metric.update(pred, batch["query_mask"], class_idx)
             return {"pred": pred}
         for i, target in enumerate(batch["query_mask_orig"]):
-            up = F.interpolate(logits[i : i + 1], size=tuple(target.shape), mode="bilinear", align_corners=True)
+            up = F.interpolate(
+                logits[i : i + 1], size=tuple(target.shape), mode="bilinear", align_corners=True
+            )
             metric.update(up.argmax(1), target[None].to(up.device), class_idx[i : i + 1])
         return {"pred": logits.argmax(1)}
 
@@ -99,7 +103,9 @@ class FewShotSegModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_iou.compute()
-        self.log_dict({"val/miou": result["miou"].float(), "val/fbiou": result["fbiou"].float()}, prog_bar=True)
+        self.log_dict(
+            {"val/miou": result["miou"].float(), "val/fbiou": result["fbiou"].float()}, prog_bar=True
+        )
         self.val_iou.reset()
 
     def on_test_epoch_end(self) -> None:
@@ -107,7 +113,11 @@ class FewShotSegModule(LightningModule):
         per_class = {
             name: float(v) for name, v in zip(self.class_names, result["iou_per_class"].tolist()) if v == v
         }  # classes with episodes only (NaN != NaN)
-        self.test_results = {"miou": float(result["miou"]), "fbiou": float(result["fbiou"]), "iou_per_class": per_class}
+        self.test_results = {
+            "miou": float(result["miou"]),
+            "fbiou": float(result["fbiou"]),
+            "iou_per_class": per_class,
+        }
         self.log_dict({"test/miou": result["miou"].float(), "test/fbiou": result["fbiou"].float()})
         self.log_dict({f"test/iou/{k}": v for k, v in per_class.items()})
         self.test_iou.reset()
@@ -119,7 +129,9 @@ class FewShotSegModule(LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -30,10 +30,18 @@ class FewShotIoU(Metric):
     def update(self, pred: torch.Tensor, target: torch.Tensor, class_idx: torch.Tensor) -> None:
         """pred [B,H,W] in {0,1}; target [B,H,W] in {0,1,ignore}; class_idx [B] in [0, num_classes)."""
         if pred.shape != target.shape:
-            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+            raise ValueError(
+                f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape"
+            )
         class_idx = class_idx.long().view(-1)
-        if class_idx.numel() != pred.shape[0] or (class_idx < 0).any() or (class_idx >= self.num_classes).any():
-            raise ValueError(f"class_idx must hold one value in [0, {self.num_classes}) per episode, got {class_idx.tolist()}")
+        if (
+            class_idx.numel() != pred.shape[0]
+            or (class_idx < 0).any()
+            or (class_idx >= self.num_classes).any()
+        ):
+            raise ValueError(
+                f"class_idx must hold one value in [0, {self.num_classes}) per episode, got {class_idx.tolist()}"
+            )
         valid = target != self.ignore_index
         pred_fg, true_fg = (pred == 1) & valid, (target == 1) & valid
         pred_bg, true_bg = (pred != 1) & valid, (target == 0) & valid

@@ -18,7 +18,9 @@ def poly(optimizer: Optimizer, total_steps: int, power: float = 0.9, warmup_step
     return LambdaLR(optimizer, factor)
 
 
-def multistep(optimizer: Optimizer, total_steps: int, milestones: list[int] | list[float], gamma: float = 0.1) -> LambdaLR:
+def multistep(
+    optimizer: Optimizer, total_steps: int, milestones: list[int] | list[float], gamma: float = 0.1
+) -> LambdaLR:
     """lr = base_lr * gamma ** (number of milestones passed) (PANet: 10k, 20k of 30k steps).
 
     Milestones <= 1 are fractions of total_steps, so short runs keep the paper's shape."""

@@ -1,8 +1,8 @@
 """Train a few-shot segmentation method, then test it on the fold's fixed novel-class episodes.
 
-    python -m fewshotseg.train method=panet data=synthetic fold=0 shot=1
-    python -m fewshotseg.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
-    python -m fewshotseg.train -m fold=0,1,2,3 shot=1,5                                # sweep
+python -m fewshotseg.train method=panet data=synthetic fold=0 shot=1
+python -m fewshotseg.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+python -m fewshotseg.train -m fold=0,1,2,3 shot=1,5                                # sweep
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def train(cfg: DictConfig) -> dict:
     prepare_wandb(cfg)
     datamodule, module = build(cfg)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks")))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
+    )
     for logger in loggers:
         logger.log_hyperparams(module.config)
 
@@ -41,7 +43,9 @@ def train(cfg: DictConfig) -> dict:
     finish_wandb(loggers)
     if trainer.is_global_zero and results:
         dm = datamodule
-        print(f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})")
+        print(
+            f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"
+        )
         print(f"test mIoU:   {100 * results['miou']:.2f}")
         print(f"test FB-IoU: {100 * results['fbiou']:.2f}")
     return results

@@ -102,7 +102,9 @@ class TrainEpisodes(_EpisodeReader):
         self.index = index
         self.pools = images_per_class(index, classes, min_area)
         rng = np.random.default_rng(0)  # only asks whether some class of the query can be supported
-        self.queries = [q for q in query_images(index, classes, min_area) if pick_class(rng, index[q], self.pools, q)]
+        self.queries = [
+            q for q in query_images(index, classes, min_area) if pick_class(rng, index[q], self.pools, q)
+        ]
         if not self.queries:
             raise DataError(f"no training image of {source.name} contains the base classes {classes}")
 
@@ -131,7 +133,9 @@ class FixedEpisodes(_EpisodeReader):
         return len(self.episodes)
 
     def __getitem__(self, i: int) -> dict:
-        self.transform.set_seed(i)  # seeded by position: a random op added to a test pipeline stays reproducible
+        self.transform.set_seed(
+            i
+        )  # seeded by position: a random op added to a test pipeline stays reproducible
         item, q_raw = self._episode(self.episodes[i], i)
         item["query_mask_orig"] = torch.from_numpy(self.transform.original_frame(q_raw)).long()
         return item

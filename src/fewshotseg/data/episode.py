@@ -23,7 +23,9 @@ class Episode(TypedDict, total=False):
     episode_idx: torch.Tensor  # [B] long, position in the fixed test list (-1 in training)
     query_id: list[str]  # image ids, for logging and for proving which episode ran
     support_ids: list[list[str]]  # [B][K]
-    query_mask_orig: list[torch.Tensor]  # binarised label at original resolution, in the test transform's frame (eval only):
+    query_mask_orig: list[
+        torch.Tensor
+    ]  # binarised label at original resolution, in the test transform's frame (eval only):
     # [h_i,w_i] for a squash resize; padded with 255 to [L,L], L = max(h_i,w_i), for the PFENet resize
 
 

@@ -43,7 +43,9 @@ def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-
     return torch.einsum("nchw,nhw->nc", feat, weights) / (mask.sum((-2, -1))[:, None] + eps)
 
 
-def cosine_logits(feat: torch.Tensor, protos: torch.Tensor, scale: float = 20.0, eps: float = 1e-8) -> torch.Tensor:
+def cosine_logits(
+    feat: torch.Tensor, protos: torch.Tensor, scale: float = 20.0, eps: float = 1e-8
+) -> torch.Tensor:
     """scale * cos(feat(x), p) for every prototype: feat [N,C,h,w], protos [N,P,C] -> [N,P,h,w].
 
     A zero prototype (empty mask) gives 0 everywhere."""
