@@ -23,6 +23,7 @@ from fewshotseg.data.sources.coco import COCO20i
 from fewshotseg.data.sources.folder import FolderSource
 from fewshotseg.data.sources.fss1000 import FSS1000
 from fewshotseg.data.sources.pascal import PascalVOC
+from fewshotseg.data.sources.synthetic_gen import voc_palette
 from fewshotseg.data.transforms import resize_transform, train_transform
 from fewshotseg.errors import ConfigError, DataError
 
@@ -63,20 +64,6 @@ def coco_names() -> list[str]:
 
 
 # --- on-disk fixtures ------------------------------------------------------------------------------
-def voc_palette() -> list[int]:
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def save_palette_png(label: np.ndarray, path: Path) -> None:
     im = Image.fromarray(label.astype(np.uint8), mode="P")
     im.putpalette(voc_palette())
