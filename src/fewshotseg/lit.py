@@ -15,6 +15,7 @@ from lightning import LightningModule
 from torch import nn
 
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
+from fewshotseg.errors import ConfigError
 from fewshotseg.metrics import FewShotIoU
 
 EVAL_RESOLUTIONS = ("input", "original")
@@ -39,7 +40,7 @@ class FewShotSegModule(LightningModule):
     ):
         super().__init__()
         if eval_resolution not in (None, *EVAL_RESOLUTIONS):
-            raise ValueError(
+            raise ConfigError(
                 f"eval_resolution={eval_resolution!r}: expected 'input', 'original' or null (the data protocol's)"
             )
         self.method = method
