@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fewshotseg.data.episode import IGNORE_INDEX
 from fewshotseg.data.folds import base_classes, fold_classes
+from fewshotseg.data.lists import ListEntries
 from fewshotseg.errors import ConfigError, DataError
 
 
@@ -115,8 +116,13 @@ class SegmentationSource:
     def prepare(self) -> None:
         """Make the data available (generate it, check the layout). Called once, on rank 0."""
 
-    def image_ids(self, split: str) -> list[str]:
+    def split_entries(self, split: str) -> ListEntries:
+        """The split's list (image ids, and the classes each may be used for): sources built on
+        list files implement this and inherit `image_ids` and `split_pairs`."""
         raise NotImplementedError
+
+    def image_ids(self, split: str) -> list[str]:
+        return self.split_entries(split).ids
 
     def load_image(self, image_id: str) -> np.ndarray:
         raise NotImplementedError
@@ -140,7 +146,10 @@ class SegmentationSource:
     def split_pairs(self, split: str) -> dict[str, set[int]] | None:
         """For list files that name (image, class) pairs (HSNet, BAM): the classes each image may be
         used for. None: every class present in an image may be used."""
-        return None
+        try:
+            return self.split_entries(split).classes
+        except NotImplementedError:
+            return None
 
     def fingerprint(self, split: str) -> str:
         """Changes whenever the split's list or label files change (invalidates caches)."""

@@ -117,7 +117,7 @@ class COCO20i(SegmentationSource):
                 require_file(self._json(split), f"COCO {split} annotations", self.help)
 
     # --- image lists ----------------------------------------------------------------------------
-    def _split(self, split: str) -> ListEntries:
+    def split_entries(self, split: str) -> ListEntries:
         self._check_split(split)
         if split in self._entries:
             return self._entries[split]
@@ -149,12 +149,9 @@ class COCO20i(SegmentationSource):
         self._entries[split] = entries
         return entries
 
-    def image_ids(self, split: str) -> list[str]:
-        return self._split(split).ids
-
     def split_pairs(self, split: str) -> dict[str, set[int]] | None:
         self._check_split(split)
-        return self._split(split).classes if self.lists[split] else None
+        return self.split_entries(split).classes if self.lists[split] else None
 
     # --- the converted annotation store (labels=json) --------------------------------------------
     def _store_fingerprint(self, split: str) -> str:
@@ -277,7 +274,7 @@ class COCO20i(SegmentationSource):
     def _png_files(self, image_id: str) -> tuple[Path, Path]:
         if image_id not in self._png_paths:
             for split in ("train", "val"):
-                self._split(split)
+                self.split_entries(split)
             if image_id not in self._png_paths:
                 raise DataError(f"no COCO image {image_id!r} in the train or val lists")
         return self._png_paths[image_id]
@@ -286,7 +283,7 @@ class COCO20i(SegmentationSource):
         self._check_split(split)
         if self.labels == "json" and not self.lists[split]:
             return self._store_fingerprint(split)  # cheap: a restart need not open the store
-        entries = self._split(split)
+        entries = self.split_entries(split)
         pairs = entries.classes or {}
         seed = "\n".join(f"{i}:{sorted(pairs.get(i, ()))}" for i in entries.ids).encode()
         if self.labels == "json":

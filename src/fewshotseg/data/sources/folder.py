@@ -150,7 +150,7 @@ class FolderSource(SegmentationSource):
         return [p.stem for p in self.mask_dir.glob("*.png")]
 
     # --- splits ----------------------------------------------------------------------------------
-    def _split(self, split: str) -> ListEntries:
+    def split_entries(self, split: str) -> ListEntries:
         if split not in self.lists:
             raise DataError(f"unknown split {split!r} for {self.name}: expected 'train' or 'val'")
         if split not in self._entries:
@@ -168,12 +168,6 @@ class FolderSource(SegmentationSource):
                     entries.add(image_id)
             self._entries[split] = entries
         return self._entries[split]
-
-    def image_ids(self, split: str) -> list[str]:
-        return self._split(split).ids
-
-    def split_pairs(self, split: str) -> dict[str, set[int]] | None:
-        return self._split(split).classes
 
     def class_split(self, fold: int, num_folds: int, fold_split: str) -> ClassSplit:
         if self.folds is None:

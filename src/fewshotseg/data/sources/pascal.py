@@ -92,7 +92,7 @@ class VOCLayoutSource(SegmentationSource):
     def _read_entries(self, split: str) -> ListEntries:
         return read_list(self._list_path(split))
 
-    def _entries(self, split: str) -> ListEntries:
+    def split_entries(self, split: str) -> ListEntries:
         if split not in self._entries_cache:
             entries = self._read_entries(split)
             for image_id, (image, label) in entries.paths.items():
@@ -100,12 +100,6 @@ class VOCLayoutSource(SegmentationSource):
                     self._paths[image_id] = (resolve_path(self.root, image), resolve_path(self.root, label))
             self._entries_cache[split] = entries
         return self._entries_cache[split]
-
-    def image_ids(self, split: str) -> list[str]:
-        return self._entries(split).ids
-
-    def split_pairs(self, split: str) -> dict[str, set[int]] | None:
-        return self._entries(split).classes
 
     # --- files -------------------------------------------------------------------------------
     def _files(self, image_id: str) -> tuple[Path, Path]:
