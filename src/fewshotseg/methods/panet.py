@@ -34,9 +34,9 @@ class PANet(nn.Module):
         # The official support background mask is "not the class", which includes 255 pixels.
         self.bg_includes_ignore = bg_includes_ignore
 
-    def _support_masks(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fg = (masks == 1).float()
-        bg = (masks != 1).float() if self.bg_includes_ignore else (masks == 0).float()
+    def _support_masks(self, masks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        fg = (masks == 1).to(dtype)
+        bg = (masks != 1).to(dtype) if self.bg_includes_ignore else (masks == 0).to(dtype)
         return fg, bg
 
     def forward(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -46,7 +46,7 @@ class PANet(nn.Module):
         feats = self.backbone(torch.cat([supports.flatten(0, 1), query]))[self.feature_layer]  # one pass
         s_feat, q_feat = feats[: B * K], feats[B * K :]
 
-        fg, bg = self._support_masks(s_masks.flatten(0, 1))
+        fg, bg = self._support_masks(s_masks.flatten(0, 1), s_feat.dtype)
         fg_proto = masked_average_pool(s_feat, fg).view(B, K, -1).mean(1)
         bg_proto = masked_average_pool(s_feat, bg).view(B, K, -1).mean(1)
         pred = cosine_logits(q_feat, torch.stack([bg_proto, fg_proto], 1), self.dist_scale)  # [B,2,h,w]
@@ -62,13 +62,13 @@ class PANet(nn.Module):
         upsampling, no detach) segment every support image; CE against the support labels."""
         B, K = s_masks.shape[:2]
         pred_mask = pred.argmax(1)
-        q_masks = torch.stack([pred_mask == 0, pred_mask == 1], 1).float()  # [B,2,h,w]
+        q_masks = torch.stack([pred_mask == 0, pred_mask == 1], 1).to(q_feat.dtype)  # [B,2,h,w]
         q_protos = torch.einsum("bchw,bphw->bpc", q_feat, q_masks) / (q_masks.sum((2, 3))[..., None] + 1e-5)
         has_fg = q_masks[:, 1].flatten(1).any(1)  # the official code skips a way predicted empty
 
         s_pred = cosine_logits(s_feat, q_protos.repeat_interleave(K, 0), self.dist_scale)
         s_pred = F.interpolate(s_pred, size=s_masks.shape[-2:], mode="bilinear", align_corners=False)
-        fg, bg = self._support_masks(s_masks.flatten(0, 1))
+        fg, bg = self._support_masks(s_masks.flatten(0, 1), s_feat.dtype)
         target = torch.full_like(s_masks.flatten(0, 1), IGNORE_INDEX)
         target[bg.bool()] = 0
         target[fg.bool()] = 1

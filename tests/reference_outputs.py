@@ -1,0 +1,91 @@
+"""Reference outputs of PANet and ASGNet on the paper backbones (and PANet on ResNet-18), written
+once by `python tests/reference_outputs.py` with the code *before* the backbone-level refactor
+(issue 7) into `tests/data/reference_outputs.pt`; `test_backbone_levels.py` checks that the
+current code gives the same numbers. Weights are filled per parameter name from a name-seeded
+generator, so they do not depend on module construction order."""
+
+from __future__ import annotations
+
+import zlib
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from fewshotseg.backbones import Backbone
+
+REFERENCE_FILE = Path(__file__).parent / "data" / "reference_outputs.pt"
+
+
+def fill_by_name(model: torch.nn.Module) -> None:
+    """Deterministic weights from each tensor's name (BN stats positive, scaled for stability)."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5)
+            elif name.endswith("running_mean") or name.endswith("bias"):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g, dtype=torch.float64))
+            else:
+                fan_in = max(1, t[0].numel()) if t.dim() > 1 else 1
+                scale = (1.0 / fan_in) ** 0.5 if t.dim() > 1 else 0.1
+                base = 1.0 if name.endswith("weight") and t.dim() == 1 else 0.0
+                t.copy_(base + scale * torch.randn(t.shape, generator=g, dtype=torch.float64))
+
+
+def episode(size: int, shots: int, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch, shots, size, size, dtype=torch.long)
+    masks[..., size // 4 : 3 * size // 4, size // 5 : 4 * size // 5] = 1
+    masks[..., :3, :] = 255
+    q_mask = torch.zeros(batch, size, size, dtype=torch.long)
+    q_mask[:, size // 3 :, size // 3 :] = 1
+    return {
+        "query_img": torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64),
+        "support_imgs": torch.randn(batch, shots, 3, size, size, generator=g, dtype=torch.float64),
+        "support_masks": masks,
+        "query_mask": q_mask,
+    }
+
+
+def cases():
+    """name -> (model factory, backbone, episode size, shots[, bn_mode])."""
+    from fewshotseg.methods.asgnet import ASGNet
+    from fewshotseg.methods.panet import PANet
+
+    return {
+        "panet_resnet18": (lambda bb: PANet(bb, **PANET_RESNET18), "resnet18", 65, 2),
+        "panet_vgg16": (lambda bb: PANet(bb, **PANET_VGG), "vgg16_panet", 65, 1),
+        "asgnet_psp_eval": (lambda bb: ASGNet(bb, **ASGNET_KW), "resnet50_psp", 97, 2),
+        "asgnet_psp_train_bn": (lambda bb: ASGNet(bb, **ASGNET_KW), "resnet50_psp", 97, 2, "train"),
+    }
+
+
+# Constructor arguments before the refactor; the test maps them onto the level API.
+PANET_RESNET18 = {"feature_layer": "layer3"}
+PANET_VGG = {"feature_layer": "block5"}
+ASGNET_KW = {"feature_layers": ["layer3", "layer2"], "bins": [1.0, 0.5, 0.25, 0.125]}
+
+
+def run(model_factory, backbone_name, size, shots, bn_mode="eval", **backbone_kwargs):
+    bb = partial(Backbone, name=backbone_name, output_stride=8, bn_mode=bn_mode, **backbone_kwargs)
+    model = model_factory(bb).double()
+    fill_by_name(model)
+    model.eval()
+    batch = episode(size, shots)
+    with torch.no_grad():
+        logits = model({k: v for k, v in batch.items() if k != "query_mask"})[0]
+    model.train()
+    torch.manual_seed(1)
+    _, aux = model(batch)
+    return {"logits": logits, **{f"aux/{k}": v.detach() for k, v in aux.items()}}
+
+
+if __name__ == "__main__":
+    out = {name: run(*case) for name, case in cases().items()}
+    REFERENCE_FILE.parent.mkdir(exist_ok=True)
+    torch.save(out, REFERENCE_FILE)
+    for name, res in out.items():
+        print(name, {k: tuple(v.shape) for k, v in res.items()})
