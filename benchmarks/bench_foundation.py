@@ -66,9 +66,7 @@ def data_loading(args) -> list[dict]:
 def panet(args) -> list[dict]:
     device = args.device
     torch.manual_seed(0)
-    model = PANet(functools.partial(Backbone, name="resnet18", output_stride=8), feature_layer="layer3").to(
-        device
-    )
+    model = PANet(functools.partial(Backbone, name="resnet18", output_stride=8), level=3).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     rows = []
     steps = 3 if args.quick else 10

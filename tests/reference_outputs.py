@@ -1,7 +1,8 @@
 """Reference outputs of PANet and ASGNet on the paper backbones (and PANet on ResNet-18), written
 once by `python tests/reference_outputs.py` with the code *before* the backbone-level refactor
-(issue 7) into `tests/data/reference_outputs.pt`; `test_backbone_levels.py` checks that the
-current code gives the same numbers. Weights are filled per parameter name from a name-seeded
+(issue 7; the code of commit c8da91d, with layer names instead of levels) into `tests/data/reference_outputs.pt`;
+`test_backbone_levels.py` checks that the current code gives the same numbers. Do not regenerate
+it to make a test pass: it is the proof that the refactor changed nothing. Weights are filled per parameter name from a name-seeded
 generator, so they do not depend on module construction order."""
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ def cases():
     }
 
 
-# Constructor arguments before the refactor; the test maps them onto the level API.
-PANET_RESNET18 = {"feature_layer": "layer3"}
-PANET_VGG = {"feature_layer": "block5"}
-ASGNET_KW = {"feature_layers": ["layer3", "layer2"], "bins": [1.0, 0.5, 0.25, 0.125]}
+# Before the refactor: feature_layer="layer3" / "block5" and feature_layers=["layer3", "layer2"].
+PANET_RESNET18 = {"level": 3}
+PANET_VGG = {"level": 4}
+ASGNET_KW = {"levels": [3, 2], "bins": [1.0, 0.5, 0.25, 0.125]}
 
 
 def run(model_factory, backbone_name, size, shots, bn_mode="eval", **backbone_kwargs):
+    """Eval logits and the training-mode auxiliary loss (dropout seeded) of one case, float64."""
     bb = partial(Backbone, name=backbone_name, output_stride=8, bn_mode=bn_mode, **backbone_kwargs)
     model = model_factory(bb).double()
     fill_by_name(model)

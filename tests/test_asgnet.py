@@ -14,7 +14,7 @@ from fewshotseg.backbones import Backbone
 from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.asgnet import ASGNet
 from fewshotseg.modules.fem import FEM, bin_size, inner_loss
-from fewshotseg.ops.superpixel import place_seeds
+from fewshotseg.ops.superpixel import place_seeds, place_seeds_batch, seed_grid_shape
 
 # ------------------------------------------------------------------------------------------------
 # FEM
@@ -237,7 +237,15 @@ def test_frozen_psp_backbone_trains_only_the_head():
     assert all(p.grad is not None for p in model.fem.parameters())
 
 
-def test_feature_grid_must_match_the_seed_grid():
+def test_seeds_follow_the_feature_grid():
+    """Seeds go on the feature grid itself: the official stride grid for the paper backbones, any
+    grid (native strides, ViT patches) otherwise."""
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, SIZE, SIZE, generator=g) > 0.3).long()
+    masks[:, :10] = 0
+    by_stride = place_seeds_batch(masks, 5, 5, stride=8)
+    by_grid = place_seeds_batch(masks, 5, 5, grid_size=seed_grid_shape(SIZE, SIZE, 8))
+    assert all(torch.equal(a, b) for a, b in zip(by_stride, by_grid))
     model = tiny_asgnet()
-    with pytest.raises(ValueError, match=r"65x65 support masks give a \(9, 9\) seed grid.*features are 7x7"):
-        model.prototypes(torch.randn(1, 256, 7, 7), torch.zeros(1, SIZE, SIZE, dtype=torch.long))
+    protos, valid = model.prototypes(torch.randn(3, 256, 7, 7), masks)  # a 7x7 grid, not the 9x9 rule
+    assert protos.shape == (3, 5, 256) and valid.any()

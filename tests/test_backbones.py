@@ -23,7 +23,7 @@ from fewshotseg.methods.panet import PANet
 
 def test_psp_dilation_every_block_and_output_stride_8():
     with torch.device("meta"):
-        b = Backbone("resnet50_psp", layers=["layer1", "layer2", "layer3", "layer4"])
+        b = Backbone("resnet50_psp", levels=[1, 2, 3, 4])
         timm_os8 = timm.create_model("resnet50s", features_only=True, output_stride=8)
         feats = b(torch.empty(1, 3, 473, 473))
         coco = b(torch.empty(1, 3, 641, 641))
@@ -35,12 +35,12 @@ def test_psp_dilation_every_block_and_output_stride_8():
     # timm's own OS8 gives the first block the previous dilation: the surgery is needed
     assert timm_os8.layer3[0].conv2.dilation == (1, 1) and timm_os8.layer4[0].conv2.dilation == (2, 2)
     assert b.body.layer2[0].conv2.stride == (2, 2) and b.body.layer2[0].conv2.dilation == (1, 1)
-    assert b.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-    assert b.reduction == {"layer1": 4, "layer2": 8, "layer3": 8, "layer4": 8}
-    assert feats["layer1"].shape[-2:] == (119, 119)
-    for layer in ("layer2", "layer3", "layer4"):
-        assert feats[layer].shape[-2:] == (60, 60)
-        assert coco[layer].shape[-2:] == (81, 81)
+    assert b.channels == {1: 256, 2: 512, 3: 1024, 4: 2048}
+    assert b.reduction == {1: 4, 2: 8, 3: 8, 4: 8}
+    assert feats[1].shape[-2:] == (119, 119)
+    for level in (2, 3, 4):
+        assert feats[level].shape[-2:] == (60, 60)
+        assert coco[level].shape[-2:] == (81, 81)
     # deep stem 64-64-128, plain strided shortcut
     assert [b.body.conv1[i].out_channels for i in (0, 3, 6)] == [64, 64, 128]
     assert b.body.conv1[0].stride == (2, 2)
@@ -78,7 +78,7 @@ def pspnet_reference(body, x):
 
 def test_psp_matches_independent_reference():
     torch.manual_seed(0)
-    b = Backbone("resnet50_psp", layers=["layer2", "layer3", "layer4"], bn_mode="eval").double().eval()
+    b = Backbone("resnet50_psp", levels=[2, 3, 4], bn_mode="eval").double().eval()
     for m in b.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics
             m.running_mean.normal_(0, 0.1)
@@ -86,9 +86,9 @@ def test_psp_matches_independent_reference():
     x = torch.randn(1, 3, 33, 33, dtype=torch.float64)
     with torch.no_grad():
         got, ref = b(x), pspnet_reference(b.body, x)
-    for layer in ("layer2", "layer3", "layer4"):
-        assert got[layer].shape[-2:] == (5, 5)
-        torch.testing.assert_close(got[layer], ref[layer], rtol=1e-9, atol=1e-9)
+    for level, layer in ((2, "layer2"), (3, "layer3"), (4, "layer4")):
+        assert got[level].shape[-2:] == (5, 5)
+        torch.testing.assert_close(got[level], ref[layer], rtol=1e-9, atol=1e-9)
 
 
 PSP_STEM = {
@@ -123,7 +123,7 @@ def test_psp_key_remap_from_pspnet_checkpoint(tmp_path, with_tracked, caplog):
     assert {"conv1.weight", "bn3.running_var", "conv3.weight", "fc.weight", "layer4.2.bn3.bias"} <= set(state)
     path = tmp_path / "resnet50_v2.pth"
     torch.save(state, path)
-    b = Backbone("resnet50_psp", layers=["layer2", "layer3"], weights=str(path))
+    b = Backbone("resnet50_psp", levels=[2, 3], weights=str(path))
     body = b.body
     assert torch.equal(body.conv1[0].weight, state["conv1.weight"])
     assert torch.equal(body.conv1[1].running_mean, state["bn1.running_mean"])
@@ -157,7 +157,7 @@ def test_psp_loads_pfenet_model_layout_and_rejects_wrong_shapes(tmp_path, caplog
     model_state["module.down_conv.0.weight"] = torch.zeros(256, 1536, 1, 1)  # head tensors are ignored
     del model_state["module.layer1.0.bn1.weight"]  # reported, left at init
     torch.save({"state_dict": model_state}, tmp_path / "asgnet.pth")
-    b = Backbone("resnet50_psp", layers=["layer2"], weights=str(tmp_path / "asgnet.pth"))
+    b = Backbone("resnet50_psp", levels=[2], weights=str(tmp_path / "asgnet.pth"))
     assert "lacks 1 tensors" in caplog.text and "layer1.0.bn1.weight" in caplog.text
     assert torch.equal(b.body.bn1.weight, state["bn3.weight"])
     assert torch.equal(b.body.layer2[3].conv2.weight, state["layer2.3.conv2.weight"])
@@ -167,16 +167,16 @@ def test_psp_loads_pfenet_model_layout_and_rejects_wrong_shapes(tmp_path, caplog
     with pytest.raises(
         ConfigError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 1, 1\).*expects \(128, 256, 1, 1\)"
     ):
-        Backbone("resnet50_psp", layers=["layer2"], weights=str(tmp_path / "bad.pth"))
+        Backbone("resnet50_psp", levels=[2], weights=str(tmp_path / "bad.pth"))
 
 
 def test_missing_weight_file_says_where_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match=r"backbone\.weights=.*nope\.pth: file not found.*resnet50_v2\.pth"):
-        Backbone("resnet50_psp", layers=["layer3"], weights=str(tmp_path / "nope.pth"))
+        Backbone("resnet50_psp", levels=[3], weights=str(tmp_path / "nope.pth"))
     with pytest.raises(ConfigError, match="output stride 8 only"):
-        Backbone("resnet50_psp", layers=["layer3"], output_stride=16)
-    with pytest.raises(ConfigError, match="no feature layer"):
-        Backbone("vgg16_panet", layers=["layer3"])
+        Backbone("resnet50_psp", levels=[3], output_stride=16)
+    with pytest.raises(ConfigError, match=r"no feature level\(s\) \[7\]"):
+        Backbone("vgg16_panet", levels=[7])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,12 +186,12 @@ def test_missing_weight_file_says_where_to_get_it(tmp_path):
 
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_frozen_backbone_and_bn_mode(bn_mode):
-    b = Backbone("resnet18", layers=["layer2", "layer3"], frozen=True, bn_mode=bn_mode).train()
+    b = Backbone("resnet18", levels=[2, 3], frozen=True, bn_mode=bn_mode).train()
     assert not any(p.requires_grad for p in b.parameters())
     bn = b.body.bn1
     before = bn.running_mean.clone()
     out = b(torch.randn(2, 3, 33, 33, requires_grad=True))
-    assert not out["layer3"].requires_grad
+    assert not out[3].requires_grad
     assert b.uses_batch_stats == (bn_mode == "train")
     assert bn.training == (bn_mode == "train")
     assert torch.equal(before, bn.running_mean) == (bn_mode == "eval")  # train mode drifts (official)
@@ -199,11 +199,11 @@ def test_frozen_backbone_and_bn_mode(bn_mode):
     assert not b.uses_batch_stats and not bn.training
 
 
-def test_layers_come_back_under_their_names_in_any_order():
-    b = Backbone("resnet18", layers=["layer3", "layer2"])
+def test_levels_come_back_by_level_in_any_order():
+    b = Backbone("resnet18", levels=[3, 2])
     out = b(torch.randn(1, 3, 33, 33))
-    assert b.channels == {"layer2": 128, "layer3": 256}
-    assert out["layer2"].shape[1] == 128 and out["layer3"].shape[1] == 256
+    assert b.channels == {2: 128, 3: 256}
+    assert out[2].shape[1] == 128 and out[3].shape[1] == 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,11 +215,11 @@ VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 def test_vgg16_panet_layout_parameters_and_stride():
     with torch.device("meta"):
-        b = Backbone("vgg16_panet", layers=["block4", "block5"])
+        b = Backbone("vgg16_panet", levels=[3, 4])
         out = b(torch.empty(1, 3, 417, 417))
     assert sum(p.numel() for p in b.parameters()) == 14_714_688
     assert all(p.requires_grad for p in b.parameters())
-    assert out["block5"].shape == (1, 512, 53, 53) and out["block4"].shape == (1, 512, 53, 53)
+    assert out[4].shape == (1, 512, 53, 53) and out[3].shape == (1, 512, 53, 53)
     feats = b.body.features
     assert [i for i, m in enumerate(feats) if isinstance(m, torch.nn.Conv2d)] == list(VGG_CONVS)
     pools = [
@@ -230,27 +230,27 @@ def test_vgg16_panet_layout_parameters_and_stride():
     assert pools == [(4, 3, 2, 1), (9, 3, 2, 1), (16, 3, 2, 1), (23, 3, 1, 1)]
     assert [feats[i].dilation for i in (21, 24, 26, 28)] == [(1, 1), (2, 2), (2, 2), (2, 2)]
     assert len(feats) == 29  # no ReLU after conv5_3, no pool5
-    assert b.reduction == {"block4": 8, "block5": 8}
+    assert b.reduction == {3: 8, 4: 8}
 
 
 def test_vgg16_panet_last_conv_has_no_relu():
     torch.manual_seed(0)
-    b = Backbone("vgg16_panet", layers=["block4", "block5"])
+    b = Backbone("vgg16_panet", levels=[3, 4])
     with torch.no_grad():
         out = b(torch.randn(1, 3, 41, 41))
-    assert out["block5"].shape[-2:] == (6, 6)
-    assert out["block4"].min() >= 0 and out["block5"].min() < 0
+    assert out[4].shape[-2:] == (6, 6)
+    assert out[3].min() >= 0 and out[4].min() < 0
 
 
 def test_vgg16_loads_torchvision_and_panet_keys(tmp_path):
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Backbone("vgg16_panet", layers=["block5"]).body.state_dict().items()}
+        shapes = {k: v.shape for k, v in Backbone("vgg16_panet", levels=[4]).body.state_dict().items()}
     state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}  # features.N.weight/bias
     assert set(state) == {f"features.{i}.{p}" for i in VGG_CONVS for p in ("weight", "bias")}
     tv = {**state, "classifier.0.weight": torch.zeros(2, 2), "classifier.6.bias": torch.zeros(2)}
     torch.save(tv, tmp_path / "vgg16-397923af.pth")
-    b = Backbone("vgg16_panet", layers=["block5"], weights=str(tmp_path / "vgg16-397923af.pth"))
+    b = Backbone("vgg16_panet", levels=[4], weights=str(tmp_path / "vgg16-397923af.pth"))
     for k, v in b.body.state_dict().items():
         assert torch.equal(v, state[k]), k
     # PANet's nested layout: features.{2*block}.{2*conv}
@@ -261,14 +261,14 @@ def test_vgg16_loads_torchvision_and_panet_keys(tmp_path):
             for p in ("weight", "bias"):
                 nested[f"module.encoder.features.{2 * bi}.{2 * ci}.{p}"] = state[f"features.{idx}.{p}"]
     torch.save(nested, tmp_path / "panet.pth")
-    b2 = Backbone("vgg16_panet", layers=["block5"], weights=str(tmp_path / "panet.pth"))
+    b2 = Backbone("vgg16_panet", levels=[4], weights=str(tmp_path / "panet.pth"))
     assert torch.equal(b2.body.features[28].weight, state["features.28.weight"])
     assert torch.equal(b2.body.features[5].bias, state["features.5.bias"])
 
 
 def test_panet_forward_with_vgg_backbone():
     torch.manual_seed(0)
-    model = PANet(functools.partial(Backbone, name="vgg16_panet"), feature_layer="block5").train()
+    model = PANet(functools.partial(Backbone, name="vgg16_panet"), level=4).train()
     size = 41
     masks = torch.zeros(2, 1, size, size, dtype=torch.long)
     masks[..., 8:30, 10:32] = 1

@@ -92,7 +92,7 @@ def test_asgnet_pascal_presets(name, backbone, weights):
 def test_panet_preset():
     cfg = compose_plain(["experiment=panet_pascal"])
     assert cfg.backbone.name == "vgg16_panet" and not cfg.backbone.frozen
-    assert cfg.method.model.feature_layer == "block5"
+    assert cfg.method.model.level == 4
     assert cfg.method.optimizer.lr == 1e-3 and cfg.method.optimizer.weight_decay == 5e-4
     assert list(cfg.method.scheduler.milestones) == [10000, 20000]
     assert cfg.trainer.max_steps == 30000 and cfg.data.batch_size == 1

@@ -35,7 +35,7 @@ def test_cosine_logits_scale_and_zero_prototype():
 
 def tiny_panet(**kwargs):
     backbone = functools.partial(Backbone, name="resnet18", output_stride=8)
-    return PANet(backbone, feature_layer="layer2", **kwargs)
+    return PANet(backbone, level=2, **kwargs)
 
 
 def episode(B=2, K=1, size=33, empty_support=False):

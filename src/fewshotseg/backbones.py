@@ -1,16 +1,27 @@
-"""Backbones: feature extractors returning named multi-scale features.
+"""Backbones: feature extractors that return their features by *level*.
 
-`Backbone(name, layers)` returns a dict {layer name: feature map} and knows each layer's channels
-and stride (`.channels`, `.reduction`). `name` selects the builder:
+`Backbone(name, levels=[2, 3, 4])(x)` returns {level: feature map} and knows each level's channels
+and stride (`.channels`, `.reduction`). Methods ask for the levels their paper uses by role, never
+for a layer name only ResNets have: 0 = stem, 1..4 = the four stages (ResNet layer1..layer4,
+ConvNeXt stages, PANet VGG blocks 2..5, a ViT's evenly spaced blocks). The PFENet family's "mid"
+features are levels (3, 2) (`fuse_levels`), "high" is level 4; PANet uses one level. `name`
+selects the builder:
 
 - `resnet50_psp`, `resnet101_psp`: the PSPNet "deep-base" ResNet of the PFENet family (ASGNet,
   PFENet, QGNet, ...): timm's `resnet50s`/`resnet101s` (3x3 stem 64-64-128, plain strided
   shortcut), output stride 8 with PSPNet's dilation (specs/backbones.md §1). Local weights:
   hszhao/semseg's `resnet{50,101}_v2.pth` (PSPNet key names are remapped to timm's); or timm's
   `pretrained=true` download (`resnet50s.gluon_in1k`, a different ImageNet run).
+- `resnet50_dilated`: timm's `resnet50` (standard 7x7 stem, torchvision key names) with the same
+  PSPNet dilation: QGNet's prior extractor.
 - `vgg16_panet`: PANet's stride-8 VGG-16 encoder (specs/panet.md §1). Local weights: torchvision's
   `vgg16-397923af.pth`; or timm's `vgg16.tv_in1k` download (the same weights).
-- anything else: `timm.create_model(name, features_only=True)`.
+- any other timm CNN: `timm.create_model(name, features_only=True)` at output stride 8 where timm
+  can dilate it (ResNets, ConvNeXt, ...), else its native strides (VGG, ...); methods resize the
+  coarser maps to the finer one (`fuse_levels`), as the official code does for VGG.
+- any timm plain ViT (`vit_small_patch14_dinov2`, DeiT, ...): at any input size (timm's dynamic
+  image size, inputs padded to a multiple of the patch), levels = blocks at depth/4, depth/2,
+  3 depth/4 and depth, the patch grid as the map.
 
 Freezing and the BatchNorm mode are explicit: a frozen backbone runs under no-grad; `bn_mode="eval"`
 keeps its BatchNorm statistics fixed, `bn_mode="train"` lets them drift with batch statistics as the
@@ -25,6 +36,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshotseg.errors import ConfigError
@@ -32,7 +44,11 @@ from fewshotseg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # PSPNet deep-base ResNets and the timm architecture with the same layout.
-PSP_RESNETS = {"resnet50_psp": "resnet50s", "resnet101_psp": "resnet101s"}
+PSP_RESNETS = {
+    "resnet50_psp": "resnet50s",
+    "resnet101_psp": "resnet101s",
+    "resnet50_dilated": "resnet50",  # standard 7x7 stem (torchvision names): QGNet's prior extractor
+}
 PSP_DILATION = {"layer3": 2, "layer4": 4}
 
 # PSPNet stem names -> timm deep-stem names (backbones.md §7.1); `layer0.i` is the stem as the
@@ -139,15 +155,14 @@ class PANetVGG16(nn.Module):
     output stride 8 (417 -> 53), 14,714,688 parameters.
 
     `features` keeps torchvision's module indices (pools at 4, 9, 16, 23), so torchvision's and
-    timm's `features.N.*` weights load as they are. Feature names: `block1`..`block5`, the output of
-    each block's last conv (after its ReLU; `block5` = conv5_3 without ReLU = PANet's features).
+    timm's `features.N.*` weights load as they are. Levels 0..4 are blocks 1..5, each the output of
+    the block's last conv (after its ReLU; level 4 = conv5_3 without ReLU = PANet's features).
+    `Backbone` runs `features` itself and takes the levels it needs.
     """
 
-    layer_names = ("block1", "block2", "block3", "block4", "block5")
-    channels = dict(zip(layer_names, _VGG16_WIDTHS, strict=True))
-    reduction = dict(zip(layer_names, (1, 2, 4, 8, 8), strict=True))
+    reductions = (1, 2, 4, 8, 8)  # per block
 
-    def __init__(self, layers: list[str]):
+    def __init__(self):
         super().__init__()
         modules: list[nn.Module] = []
         self.ends: list[int] = []  # index of the last module of each block
@@ -167,16 +182,6 @@ class PANetVGG16(nn.Module):
         for m in self.features:
             if isinstance(m, nn.Conv2d):  # PANet's init before the pretrained copy
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        self.layers = list(layers)
-        self.out = [self.ends[self.layer_names.index(layer)] for layer in layers]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        found = {}
-        for i, module in enumerate(self.features[: max(self.out) + 1]):
-            x = module(x)
-            if i in self.out:
-                found[i] = x
-        return [found[i] for i in self.out]
 
 
 def panet_vgg_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,40 +198,109 @@ def panet_vgg_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Levels
+# ------------------------------------------------------------------------------------------------
+
+LEVELS = (0, 1, 2, 3, 4)  # 0 = stem, 1..4 = the four stages
+
+
+def _check_levels(name: str, levels, available) -> tuple[int, ...]:
+    """The requested levels, validated, without repeats, in network order."""
+    levels = tuple(sorted({int(level) for level in levels}))
+    missing = [level for level in levels if level not in available]
+    if not levels or missing:
+        raise ConfigError(
+            f"backbone {name!r} has no feature level(s) {missing or '(none requested)'}: available {sorted(available)}"
+        )
+    return levels
+
+
+def _timm_cnn(name: str, levels, output_stride: int | None, pretrained: bool, dilate=None, **kwargs):
+    """A timm features_only CNN with the requested levels (its last four feature stages are levels
+    1..4, an earlier one, the stem, level 0) -> (net, {level: module name}, levels). Output stride
+    `output_stride` where timm can dilate the model, otherwise its native strides (logged);
+    `dilate` is a surgery applied after building at output stride 8 (PSPNet's)."""
+    with torch.device("meta"):  # the full list of feature stages, without allocating
+        probe = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+    n = len(probe.feature_info)
+    if n < 4:
+        raise ConfigError(
+            f"backbone {name!r} has {n} feature stages; a backbone needs at least 4 (levels 1..4)"
+        )
+    levels = _check_levels(name, levels, range(max(0, 5 - n), 5))
+    modules = probe.feature_info.module_name()
+    level_module = {level: modules[n - 5 + level].replace(".", "_") for level in levels}
+    if dilate is not None:
+        kwargs["output_stride"] = 8
+    elif output_stride is not None:
+        try:
+            with torch.device("meta"):
+                timm.create_model(name, features_only=True, output_stride=output_stride, **kwargs)
+            kwargs["output_stride"] = output_stride
+        except (AssertionError, TypeError, ValueError) as err:
+            log.info(
+                "backbone %s: no output_stride=%s in timm (%s); native strides", name, output_stride, err
+            )
+    net = timm.create_model(
+        name,
+        features_only=True,
+        out_indices=tuple(n - 5 + lv for lv in levels),
+        pretrained=pretrained,
+        **kwargs,
+    )
+    if dilate is not None:
+        dilate(net)
+    return net, level_module, levels
+
+
+def _is_plain_vit(net: nn.Module) -> bool:
+    return all(hasattr(net, a) for a in ("blocks", "patch_embed", "forward_intermediates", "cls_token"))
+
+
+def _vit_level_blocks(depth: int) -> dict[int, int]:
+    """Level l (1..4) = block depth*l/4 - 1 (evenly spaced, the last block is level 4); 0 = patches."""
+    return {0: -1, **{level: depth * level // 4 - 1 for level in range(1, 5)}}
+
+
+def fuse_levels(feats: dict[int, torch.Tensor], levels) -> torch.Tensor:
+    """cat(feats[l] for l in levels) in the given order, each resized (bilinear, align_corners=True,
+    as the PFENet family resizes VGG's layer2) to the largest map among them; no resize where the
+    sizes agree (the OS-8 paper backbones)."""
+    maps = [feats[level] for level in levels]
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+            for m in maps]  # fmt: skip
+    return torch.cat(maps, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # The wrapper every method uses
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_layers(name: str, layers: list[str], available: list[str]) -> list[str]:
-    """The requested layers, validated, without repeats, in network order (the order features come out)."""
-    missing = [layer for layer in layers if layer not in available]
-    if missing:
-        raise ConfigError(f"backbone {name!r} has no feature layer(s) {missing}: available {available}")
-    return sorted(set(layers), key=available.index)
-
-
-def _timm_body(
-    name: str, layers: list[str], output_stride: int | None, pretrained: bool, **kwargs
-) -> nn.Module:
-    with torch.device("meta"):  # find the feature indices of the named layers without allocating
-        probe = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
-    available = probe.feature_info.module_name()
-    indices = tuple(available.index(layer) for layer in _check_layers(name, layers, available))
-    if output_stride is not None:
-        kwargs["output_stride"] = output_stride
-    return timm.create_model(name, features_only=True, out_indices=indices, pretrained=pretrained, **kwargs)
-
-
 class Backbone(nn.Module):
+    """Features by level for any backbone: `Backbone(name, levels=[2, 3, 4])(x) -> {level: map}`.
+
+    Levels: 0 = stem, 1..4 = the four stages (ResNet layer1..layer4; `vgg16_panet` block2..block5,
+    block1 = 0; ConvNeXt stages 0..3; a plain ViT's blocks at depth/4, depth/2, 3 depth/4 and
+    depth, the patch grid as the map). `channels[level]`, `reduction[level]` (stride) per requested
+    level; `run_stage(x, level)` runs only the stage that produces `level` from a map of the
+    previous level (PFENet's support layer4 from the masked layer3).
+
+    channels_last: convolutional backbones run in channels_last memory format (the same numbers
+    within float rounding, faster on CPU and GPU); ViTs ignore it.
+    """
+
     def __init__(
         self,
         name: str = "resnet18",
-        layers: tuple[str, ...] | list[str] = ("layer3",),
+        levels: tuple[int, ...] | list[int] = (3,),
         output_stride: int | None = 8,
         pretrained: bool = False,
         weights: str | None = None,
         frozen: bool = False,
         bn_mode: str = "eval",
+        channels_last: bool = True,
         **timm_kwargs,
     ):
         super().__init__()
@@ -235,19 +309,28 @@ class Backbone(nn.Module):
         self.name = name
         download = pretrained and not weights  # a local file wins over timm's download
         self._remap: Callable[[dict], dict] = dict
+        self.is_vit = False
         if name in PSP_RESNETS or name == "vgg16_panet":
             if output_stride not in (None, 8):
                 raise ConfigError(
                     f"backbone {name!r} has output stride 8 only, got backbone.output_stride={output_stride}"
                 )
         if name in PSP_RESNETS:
-            self.body = _timm_body(PSP_RESNETS[name], layers, 8, download, **timm_kwargs)
-            psp_dilate(self.body)
-            self._remap = psp_resnet_keys
+            self.body, self.level_module, self.levels = _timm_cnn(
+                PSP_RESNETS[name], levels, 8, download, dilate=psp_dilate, **timm_kwargs
+            )
+            self._remap = psp_resnet_keys if name != "resnet50_dilated" else dict
+            info = self.body.feature_info
+            self.channels = dict(zip(self.levels, info.channels(), strict=True))
+            self.reduction = dict(zip(self.levels, info.reduction(), strict=True))
         elif name == "vgg16_panet":
             if timm_kwargs:
                 raise ConfigError(f"backbone 'vgg16_panet' takes no extra options, got {sorted(timm_kwargs)}")
-            self.body = PANetVGG16(_check_layers(name, layers, list(PANetVGG16.layer_names)))
+            self.levels = _check_levels(name, levels, LEVELS)
+            self.body = PANetVGG16()
+            self.level_module = {level: str(self.body.ends[level]) for level in self.levels}
+            self.channels = {level: _VGG16_WIDTHS[level] for level in self.levels}
+            self.reduction = {level: PANetVGG16.reductions[level] for level in self.levels}
             self._remap = panet_vgg_keys
             if download:  # timm's vgg16.tv_in1k = torchvision's vgg16-397923af weights
                 tv = timm.create_model("vgg16.tv_in1k", pretrained=True)
@@ -256,19 +339,30 @@ class Backbone(nn.Module):
                     "timm vgg16.tv_in1k",
                 )
         else:
-            self.body = _timm_body(name, layers, output_stride, download, **timm_kwargs)
-        if isinstance(self.body, PANetVGG16):
-            self.layers = self.body.layers
-            self.channels = {layer: PANetVGG16.channels[layer] for layer in self.layers}
-            self.reduction = {layer: PANetVGG16.reduction[layer] for layer in self.layers}
-        else:
-            info = self.body.feature_info
-            self.layers = info.module_name()  # network order, the order of the outputs
-            self.channels = dict(zip(self.layers, info.channels(), strict=True))
-            self.reduction = dict(zip(self.layers, info.reduction(), strict=True))
+            with torch.device("meta"):
+                probe = timm.create_model(name, pretrained=False, **timm_kwargs)
+            if _is_plain_vit(probe):
+                self.is_vit, channels_last = True, False
+                kwargs = {"dynamic_img_size": True, "dynamic_img_pad": True, "num_classes": 0, **timm_kwargs}
+                self.body = timm.create_model(name, pretrained=download, **kwargs)
+                self.levels = _check_levels(name, levels, LEVELS)
+                self.level_block = _vit_level_blocks(len(self.body.blocks))
+                last = max(self.level_block[level] for level in self.levels)
+                del self.body.blocks[last + 1 :]  # blocks past the deepest level are never run
+                self.channels = dict.fromkeys(self.levels, self.body.embed_dim)
+                self.reduction = dict.fromkeys(self.levels, self.body.patch_embed.patch_size[0])
+            else:
+                self.body, self.level_module, self.levels = _timm_cnn(
+                    name, levels, output_stride, download, **timm_kwargs
+                )
+                info = self.body.feature_info
+                self.channels = dict(zip(self.levels, info.channels(), strict=True))
+                self.reduction = dict(zip(self.levels, info.reduction(), strict=True))
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name)), str(weights))
-        self.frozen, self.bn_mode = frozen, bn_mode
+        self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.body.modules())
         if frozen:
             self.body.requires_grad_(False)
@@ -325,7 +419,63 @@ class Backbone(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats = self.body(x)
-        return dict(zip(self.layers, feats, strict=True))
+    def _grad(self):
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen)
+
+    def _ordered_modules(self) -> list[tuple[str, nn.Module]]:
+        """The CNN's modules in network order (PANet's VGG: `features` indices)."""
+        if isinstance(self.body, PANetVGG16):
+            return [(str(i), m) for i, m in enumerate(self.body.features)]
+        return list(self.body.items())
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        with self._grad():
+            if self.is_vit:
+                return self._vit_forward(x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            wanted = {self.level_module[level]: level for level in self.levels}
+            out: dict[int, torch.Tensor] = {}
+            for name, module in self._ordered_modules():
+                x = module(x)
+                if name in wanted:
+                    out[wanted[name]] = x
+                    if len(out) == len(wanted):
+                        break
+            return out
+
+    def _vit_forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        deep = [level for level in self.levels if level > 0]
+        maps = self.body.forward_intermediates(
+            x, indices=[self.level_block[level] for level in deep], intermediates_only=True
+        )
+        out = dict(zip(deep, maps, strict=True))
+        if 0 in self.levels:
+            out[0] = self.body.patch_embed(x).permute(0, 3, 1, 2)
+        return out
+
+    def run_stage(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """The stage that produces `level`, applied to a map of level `level - 1` (e.g. masked).
+        For a ViT: the blocks between the two levels on the patch tokens only (the class/register
+        tokens of the full pass are not carried: a documented approximation)."""
+        if level < 1 or level not in self.levels:
+            raise ConfigError(
+                f"backbone {self.name!r}: run_stage needs level {level} among the built levels {self.levels}"
+            )
+        with self._grad():
+            if self.is_vit:
+                n, c, h, w = x.shape
+                tokens = x.flatten(2).transpose(1, 2)
+                for block in self.body.blocks[self.level_block[level - 1] + 1 : self.level_block[level] + 1]:
+                    tokens = block(tokens)
+                return tokens.transpose(1, 2).reshape(n, c, h, w)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            order = [name for name, _ in self._ordered_modules()]
+            modules = dict(self._ordered_modules())
+            prev = self.level_module.get(level - 1)
+            if prev is None:  # the previous level is not built: find its module by stage order
+                prev = order[order.index(self.level_module[level]) - 1]
+            for name in order[order.index(prev) + 1 : order.index(self.level_module[level]) + 1]:
+                x = modules[name](x)
+            return x

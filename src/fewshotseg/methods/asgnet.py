@@ -3,9 +3,10 @@ allocation (GPA) on PFENet's multi-scale decoder. Follows the official code
 (github.com/Reagan1311/ASGNet at cd898c5; specs/asgnet.md), 1-way, K-shot.
 
 Per episode:
-1. Query and supports -> frozen backbone -> cat(layer3, layer2) -> `down_conv` (1x1 -> 256,
-   Dropout2d 0.5, no ReLU; one module for query and supports).
-2. SGC (no gradient): seeds from each support mask (stride-8 grid, up to `max_sp`), soft mask =
+1. Query and supports -> frozen backbone -> the mid levels cat(level 3, level 2) = cat(layer3,
+   layer2) -> `down_conv` (1x1 -> 256, Dropout2d 0.5, no ReLU; one module for query and supports).
+2. SGC (no gradient): seeds from each support mask (on the feature grid, the stride-8 grid of
+   the paper backbones, up to `max_sp`), soft mask =
    (label == 1) bilinearly downsampled (align_corners=True); `n_iter` iterations of soft clustering
    inside the mask, or masked average pooling when a mask gets fewer than 2 seeds. The prototypes of
    all K shots are pooled (up to K * max_sp).
@@ -34,14 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg.backbones import fuse_levels
 from fewshotseg.data.episode import Episode
-from fewshotseg.errors import ConfigError
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.ops.superpixel import (
     batched_superpixel_clustering,
     guided_prototype_allocation,
     place_seeds_batch,
-    seed_grid_shape,
 )
 
 
@@ -49,9 +49,9 @@ class ASGNet(nn.Module):
     """ASGNet.
 
     Args:
-        backbone: partial of `fewshotseg.backbones.Backbone`; called with the feature layers.
-        feature_layers: concatenated (in this order) before `down_conv`; official: layer3, layer2.
-            The seed grid uses the first layer's stride, and the others are resized to its size.
+        backbone: partial of `fewshotseg.backbones.Backbone`; called with the feature levels.
+        levels: concatenated (in this order) before `down_conv`; official: 3, 2 (layer3, layer2).
+            Coarser maps are resized to the finest one, whose grid carries the seeds.
         reduce_dim: width of `down_conv` and of the decoder (256).
         bins: FEM pyramid bins (PASCAL: [60, 30, 15, 8]; COCO: [1.0, 0.5, 0.25, 0.125]).
         max_sp: most superpixels per support image (5).
@@ -63,7 +63,7 @@ class ASGNet(nn.Module):
     def __init__(
         self,
         backbone: Callable[..., nn.Module],
-        feature_layers: Sequence[str] = ("layer3", "layer2"),
+        levels: Sequence[int] = (3, 2),
         reduce_dim: int = 256,
         bins: Sequence[float] = (60, 30, 15, 8),
         max_sp: int = 5,
@@ -73,10 +73,9 @@ class ASGNet(nn.Module):
         dropout: float = 0.5,
     ):
         super().__init__()
-        self.feature_layers = list(feature_layers)
-        self.backbone = backbone(layers=self.feature_layers)
-        in_channels = sum(self.backbone.channels[layer] for layer in self.feature_layers)
-        self.stride = self.backbone.reduction[self.feature_layers[0]]
+        self.levels = list(levels)
+        self.backbone = backbone(levels=self.levels)
+        in_channels = sum(self.backbone.channels[level] for level in self.levels)
         self.down_conv = nn.Sequential(
             nn.Conv2d(in_channels, reduce_dim, 1, bias=False), nn.Dropout2d(p=dropout)
         )
@@ -85,30 +84,18 @@ class ASGNet(nn.Module):
         self.train_iter, self.eval_iter = train_iter, eval_iter
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """cat(feature layers) -> down_conv: [N,3,H,W] -> [N,reduce_dim,h,w]."""
-        feats = self.backbone(images)
-        maps = [feats[layer] for layer in self.feature_layers]
-        size = maps[0].shape[-2:]
-        maps = [
-            m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=True)
-            for m in maps
-        ]
-        return self.down_conv(torch.cat(maps, 1))
+        """cat(levels) -> down_conv: [N,3,H,W] -> [N,reduce_dim,h,w]."""
+        return self.down_conv(fuse_levels(self.backbone(images), self.levels))
 
     @torch.no_grad()
     def prototypes(self, s_feat: torch.Tensor, s_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SGC prototypes of every support image: s_feat [N,C,h,w], s_labels [N,H,W] in {0,1,255}
         -> ([N, max_sp, C], valid [N, max_sp])."""
-        (h, w), (H, W) = s_feat.shape[-2:], s_labels.shape[-2:]
-        if seed_grid_shape(H, W, self.stride) != (h, w):
-            raise ConfigError(
-                f"ASGNet: {H}x{W} support masks give a {seed_grid_shape(H, W, self.stride)} seed grid at stride "
-                f"{self.stride}, but the features are {h}x{w}; the backbone must have output stride {self.stride} "
-                "with feature side int((H - 1) / stride + 1) (e.g. 473 -> 60)"
-            )
+        h, w = s_feat.shape[-2:]
         fg = (s_labels == 1).unsqueeze(1).to(s_feat.dtype)
         mask = F.interpolate(fg, size=(h, w), mode="bilinear", align_corners=True)  # soft at the boundary
-        seeds, counts = place_seeds_batch(s_labels, self.max_sp, self.avg_sp_area, self.stride)
+        # the feature grid; for the paper backbones exactly the official int((H-1)/8+1) stride grid
+        seeds, counts = place_seeds_batch(s_labels, self.max_sp, self.avg_sp_area, grid_size=(h, w))
         n_iter = self.train_iter if self.training else self.eval_iter
         return batched_superpixel_clustering(s_feat, mask, seeds, counts, n_iter)
 

@@ -23,18 +23,20 @@ class PANet(nn.Module):
     def __init__(
         self,
         backbone: Callable[..., nn.Module],
-        feature_layer: str = "layer3",
+        level: int = 4,
         dist_scale: float = 20.0,
         align: bool = True,
         bg_includes_ignore: bool = True,
     ):
         super().__init__()
-        self.backbone = backbone(layers=[feature_layer])
-        self.feature_layer, self.dist_scale, self.align = feature_layer, dist_scale, align
+        self.backbone = backbone(levels=[level])  # the paper: VGG-16 conv5_3 = level 4
+        self.level, self.dist_scale, self.align = level, dist_scale, align
         # The official support background mask is "not the class", which includes 255 pixels.
         self.bg_includes_ignore = bg_includes_ignore
 
-    def _support_masks(self, masks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _support_masks(
+        self, masks: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         fg = (masks == 1).to(dtype)
         bg = (masks != 1).to(dtype) if self.bg_includes_ignore else (masks == 0).to(dtype)
         return fg, bg
@@ -43,7 +45,7 @@ class PANet(nn.Module):
         query, supports, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         B, K = supports.shape[:2]
         size = query.shape[-2:]
-        feats = self.backbone(torch.cat([supports.flatten(0, 1), query]))[self.feature_layer]  # one pass
+        feats = self.backbone(torch.cat([supports.flatten(0, 1), query]))[self.level]  # one pass
         s_feat, q_feat = feats[: B * K], feats[B * K :]
 
         fg, bg = self._support_masks(s_masks.flatten(0, 1), s_feat.dtype)

@@ -201,7 +201,11 @@ def _seeds_on_grid(grid: np.ndarray, max_num: int, avg_area: float) -> np.ndarra
 
 
 def place_seeds_batch(
-    masks: torch.Tensor, max_num: int = 5, avg_area: float = 100, stride: int = 8
+    masks: torch.Tensor,
+    max_num: int = 5,
+    avg_area: float = 100,
+    stride: int = 8,
+    grid_size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`place_seeds` for a batch of masks, as padded tensors on the masks' device.
 
@@ -209,6 +213,9 @@ def place_seeds_batch(
         masks: ``[N, H, W]`` support labels at input resolution (any device; foreground is
             ``== 1``).
         max_num, avg_area, stride: as in :func:`place_seeds`.
+        grid_size: the feature grid ``(h, w)`` to place seeds on, when it is not the stride rule's
+            ``int((H-1)/stride+1)`` (backbones at native strides, ViT patch grids); the same
+            nearest sampling maps it onto the mask.
 
     Returns:
         ``(seeds, counts)`` as :func:`seeds_to_padded` gives them (``[N, max_num, 2]`` and
@@ -222,7 +229,13 @@ def place_seeds_batch(
         raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
-    rows, cols = _grid_indices(masks.shape[1], masks.shape[2], stride)
+    if grid_size is None:
+        rows, cols = _grid_indices(masks.shape[1], masks.shape[2], stride)
+    else:
+        rows, cols = (
+            _nearest_src_index(masks.shape[1], grid_size[0]),
+            _nearest_src_index(masks.shape[2], grid_size[1]),
+        )
     rows_t = torch.from_numpy(rows).to(masks.device)
     cols_t = torch.from_numpy(cols).to(masks.device)
     grid = (masks.index_select(1, rows_t).index_select(2, cols_t) == 1).cpu().numpy()
