@@ -1,0 +1,21 @@
+"""OmegaConf resolvers used by the configs (registered when the package is imported)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def crop_for(image_size: int, fraction: float = 0.885) -> int:
+    """The largest 8k + 1 <= fraction * image_size: a crop whose stride-8 feature grid is exact
+    ((H - 1) % 8 == 0, as ASGNet asks). 128 -> 113 (the default), 256 -> 225."""
+    return int((fraction * int(image_size) - 1) // 8) * 8 + 1
+
+
+def synthetic_dir(image_size: int) -> str:
+    """`synthetic` for the default 128 px benchmark, `synthetic_<size>` for other sizes, so that
+    both can be used side by side (each is generated once into its own folder)."""
+    return "synthetic" if int(image_size) == 128 else f"synthetic_{int(image_size)}"
+
+
+OmegaConf.register_new_resolver("fss.crop", crop_for, replace=True)
+OmegaConf.register_new_resolver("fss.synthetic_dir", synthetic_dir, replace=True)
