@@ -16,6 +16,7 @@ from omegaconf import open_dict
 
 from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.data.sources.synthetic_gen import generate_synthetic
+from fewshotseg.resolvers import synthetic_dir
 
 SMALL = dict(seed=0, num_train=60, num_val=40, image_size=64)
 
@@ -37,13 +38,13 @@ TINY_OVERRIDES = [
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding data/synthetic with the SMALL settings (generated once)."""
     root = tmp_path_factory.mktemp("data")
-    generate_synthetic(root / "synthetic", **SMALL)
+    generate_synthetic(root / synthetic_dir(SMALL["image_size"]), **SMALL)
     return root
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(data_dir) -> Path:
-    return data_dir / "synthetic"
+    return data_dir / synthetic_dir(SMALL["image_size"])
 
 
 def compose_train_cfg(tmp_path: Path, data_dir: Path, overrides: list[str] = ()):

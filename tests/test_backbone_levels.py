@@ -106,3 +106,24 @@ def test_channels_last_is_the_same_numbers():
     assert fb[4].is_contiguous(memory_format=torch.channels_last)
     for level in (2, 3, 4):
         torch.testing.assert_close(fb[level], fa[level], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_small_patch14_dinov2", "vgg16_panet"])
+def test_forward_a_subset_of_levels_stops_early(name):
+    b = Backbone(name, levels=[2, 3, 4], bn_mode="train").train()
+    x = torch.randn(2, 3, 49, 49)
+    with torch.no_grad():
+        full = b(x)
+        part = b(x, levels=[2, 3])
+    assert set(part) == {2, 3}
+    if name != "resnet18":  # BN in train mode updates statistics between the two passes
+        torch.testing.assert_close(part[3], full[3])
+    with pytest.raises(ConfigError, match="not all built"):
+        b(x, levels=[1])
+
+
+def test_a_level_4_subset_pass_leaves_level_4_statistics_alone():
+    b = Backbone("resnet18", levels=[3, 4], bn_mode="train").train()
+    before = b.body.layer4[0].bn1.running_mean.clone()
+    b(torch.randn(2, 3, 49, 49), levels=[3])
+    assert torch.equal(before, b.body.layer4[0].bn1.running_mean)

@@ -51,6 +51,9 @@ class FewShotSegModule(LightningModule):
         self.config = config  # the run's resolved config, stored in checkpoints for `evaluate`
         self.val_iou = FewShotIoU(len(self.class_names))
         self.test_iou = FewShotIoU(len(self.class_names))
+        # extra named logits a method returns in eval mode (aux["logits/<name>"], e.g. Sym-Net's
+        # meta-learner-only output): one more FewShotIoU each, made on first sight
+        self.extra_iou = nn.ModuleDict()
         self.test_results: dict = {}
 
     def forward(self, batch: Episode) -> torch.Tensor:
@@ -60,10 +63,11 @@ class FewShotSegModule(LightningModule):
 
     def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
         logits, aux = self.method(batch)
-        loss = seg = segmentation_loss(logits, batch["query_mask"])
+        # losses in fp32 under mixed precision (trainer=gpu: bf16-mixed)
+        loss = seg = segmentation_loss(logits.float(), batch["query_mask"])
         bs = logits.shape[0]
         for name, value in aux.items():
-            loss = loss + self.aux_weights.get(name, 1.0) * value
+            loss = loss + self.aux_weights.get(name, 1.0) * value.float()
             self.log(f"train/{name}", value, batch_size=bs, sync_dist=True)
         self.log("train/ce", seg, batch_size=bs, sync_dist=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -77,30 +81,41 @@ class FewShotSegModule(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(datamodule, "eval_resolution", None) or "input"
 
-    def _evaluate(self, batch: Episode, metric: FewShotIoU) -> dict[str, torch.Tensor]:
+    def _evaluate(self, batch: Episode, stage: str) -> dict[str, torch.Tensor]:
         """Score the episode. input: the argmax at network input size against the transformed label.
         original: the logits upsampled bilinearly (align_corners=True, as PFENet and HSNet do) to the
         label in `query_mask_orig`; with the PFENet test resize that label is the raw label padded
         with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (protocol.md 3.2),
         and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
-        logits = self(batch)
+        visible = {k: v for k, v in batch.items() if k != "query_mask"}
+        logits, aux = self.method(visible)
+        metric = self.val_iou if stage == "val" else self.test_iou
+        for name, extra in aux.items():
+            if name.startswith("logits/"):
+                key = f"{stage}_{name[len('logits/') :]}"
+                if key not in self.extra_iou:
+                    self.extra_iou[key] = FewShotIoU(len(self.class_names)).to(logits.device)
+                self._score(extra, batch, self.extra_iou[key])
+        return {"pred": self._score(logits, batch, metric)}
+
+    def _score(self, logits: torch.Tensor, batch: Episode, metric: FewShotIoU) -> torch.Tensor:
         class_idx = batch["class_id"] - 1
         if self.resolved_eval_resolution() == "input":
             pred = logits.argmax(1)
             metric.update(pred, batch["query_mask"], class_idx)
-            return {"pred": pred}
+            return pred
         for i, target in enumerate(batch["query_mask_orig"]):
             up = F.interpolate(
                 logits[i : i + 1], size=tuple(target.shape), mode="bilinear", align_corners=True
             )
             metric.update(up.argmax(1), target[None].to(up.device), class_idx[i : i + 1])
-        return {"pred": logits.argmax(1)}
+        return logits.argmax(1)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> dict:
-        return self._evaluate(batch, self.val_iou)
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: Episode, batch_idx: int) -> dict:
-        return self._evaluate(batch, self.test_iou)
+        return self._evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_iou.compute()
@@ -108,6 +123,18 @@ class FewShotSegModule(LightningModule):
             {"val/miou": result["miou"].float(), "val/fbiou": result["fbiou"].float()}, prog_bar=True
         )
         self.val_iou.reset()
+        self.log_dict(self._extra_results("val"))
+
+    def _extra_results(self, stage: str) -> dict[str, torch.Tensor]:
+        """{stage}/<name>_miou and _fbiou of the extra logits, and reset their metrics."""
+        out = {}
+        for key, metric in self.extra_iou.items():
+            if key.startswith(f"{stage}_") and metric.update_count:
+                result, name = metric.compute(), key[len(stage) + 1 :]
+                out[f"{stage}/{name}_miou"] = result["miou"].float()
+                out[f"{stage}/{name}_fbiou"] = result["fbiou"].float()
+                metric.reset()
+        return out
 
     def on_test_epoch_end(self) -> None:
         result = self.test_iou.compute()
@@ -119,7 +146,9 @@ class FewShotSegModule(LightningModule):
             "fbiou": float(result["fbiou"]),
             "iou_per_class": per_class,
         }
-        self.log_dict({"test/miou": result["miou"].float(), "test/fbiou": result["fbiou"].float()})
+        extra = self._extra_results("test")
+        self.test_results.update({k[len("test/") :]: float(v) for k, v in extra.items()})
+        self.log_dict({"test/miou": result["miou"].float(), "test/fbiou": result["fbiou"].float(), **extra})
         self.log_dict({f"test/iou/{k}": v for k, v in per_class.items()})
         self.test_iou.reset()
 
