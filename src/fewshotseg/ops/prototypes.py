@@ -50,3 +50,16 @@ def cosine_logits(
 
     A zero prototype (empty mask) gives 0 everywhere."""
     return scale * F.cosine_similarity(feat[:, None], protos[..., None, None], dim=2, eps=eps)
+
+
+def weighted_gap(feat: torch.Tensor, mask: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
+    """PFENet-family masked average pooling (`Weighted_GAP`): sum(f * m) / (sum(m) + eps) -> [N, C].
+
+    feat [N,C,h,w]; mask [N,1,H,W] or [N,H,W] float in [0, 1]. A mask of another size is first
+    resized to the features (bilinear, align_corners=True, so soft at object boundaries), as the
+    PFENet code does before pooling. An empty mask gives a zero prototype."""
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.shape[-2:] != feat.shape[-2:]:
+        mask = F.interpolate(mask, size=feat.shape[-2:], mode="bilinear", align_corners=True)
+    return (feat * mask).sum((-2, -1)) / (mask.sum((-2, -1)) + eps)
