@@ -63,3 +63,48 @@ class FewShotIoU(Metric):
             "fbiou": fb.mean(),
             "iou_per_class": iou_per_class,
         }
+
+
+class SemanticIoU(Metric):
+    """Multi-class IoU of ordinary semantic segmentation (BAM's base-learner stage, `train_base.py`):
+    per class, intersection and union summed over every pixel of every image; the reported mIoU is
+    the mean over classes 1..num_classes-1 (the base classes, background excluded), a class with an
+    empty union counting 0 as in BAM (`I / (U + 1e-10)`). Sum states: DDP gives the one-process value.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        zeros = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731 - exact integer counts
+        self.add_state("intersection", zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("union", zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("target", zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred [B,H,W] in [0, num_classes); target [B,H,W] in [0, num_classes) or ignore_index."""
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape"
+            )
+        valid = target != self.ignore_index
+        if (target[valid] >= self.num_classes).any() or (target[valid] < 0).any():
+            raise ValueError(f"target has values outside 0..{self.num_classes - 1} and {self.ignore_index}")
+        p, t = pred[valid].long(), target[valid].long()
+        n = self.num_classes
+        area_pred = torch.bincount(p, minlength=n)[:n]
+        area_target = torch.bincount(t, minlength=n)
+        inter = torch.bincount(t[p == t], minlength=n)
+        self.intersection += inter
+        self.union += area_pred + area_target - inter
+        self.target += area_target
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        iou = self.intersection.double() / self.union.double().clamp(min=1)  # 0 where U = 0, as BAM
+        return {
+            "miou": iou[1:].mean(),
+            "miou_with_background": iou.mean(),
+            "iou_per_class": iou,
+            "pixel_acc": self.intersection.sum().double() / self.target.sum().double().clamp(min=1),
+        }

@@ -1,6 +1,13 @@
 """FewShotDataModule: training episodes on the fold's base classes, fixed test episodes on its novel
 classes.
 
+task=semantic (BAM's base-learner stage, `method=pspnet_base` sets it): the same source, class
+index, caches and transforms, but whole images with multi-class labels instead of episodes: every
+image of the training split (BAM's `train_base.py` reads the whole list) and, for validation and
+test, every image of the test split, labelled with the fold's base classes 1..Nb (novel classes ->
+background, 255 kept; BAM's `get_mulway_base_data.py`). base_label=true (methods built on BAM) adds
+the query's base-class label `query_base_label` to every episode, transformed with the query.
+
 Evaluation protocol: `protocol` names an entry of `protocols` (the data config's table, see
 conf/data/_episodes.yaml) that fills every setting left null here: the transforms (train
 augment|resize, test pad|resize, size, scale), num_test_episodes, test_order, min_area, and the
@@ -29,7 +36,7 @@ from fewshotseg.data.sampling import (
     restrict_index,
     without_classes,
 )
-from fewshotseg.data.sources.base import SegmentationSource, binarise  # noqa: F401 - binarise re-exported
+from fewshotseg.data.sources.base import SegmentationSource, base_labels, binarise  # noqa: F401 - binarise re-exported
 from fewshotseg.data.transforms import PairTransform, protocol_transforms
 from fewshotseg.errors import ConfigError, DataError
 
@@ -44,6 +51,7 @@ PROTOCOL_KEYS = (
     "eval_resolution",
 )
 TEST_ORDERS = ("image", "pair", "class")
+TASKS = ("episodes", "semantic")
 
 
 def resolve_protocol(protocol: str | None, protocols: Mapping | None) -> dict:
@@ -64,22 +72,39 @@ def resolve_protocol(protocol: str | None, protocols: Mapping | None) -> dict:
     return settings
 
 
+def _check_size(source: SegmentationSource, image_id: str, image: np.ndarray, label: np.ndarray) -> None:
+    if image.shape[:2] != label.shape:
+        raise DataError(
+            f"{source.name} image {image_id!r} is {image.shape[:2]} but its label is {label.shape}"
+        )
+
+
 class _EpisodeReader(Dataset):
-    def __init__(self, source: SegmentationSource, transform: PairTransform, shot: int):
+    def __init__(
+        self, source: SegmentationSource, transform: PairTransform, shot: int, base: list[int] | None = None
+    ):
         self.source, self.transform, self.shot = source, transform, shot
+        self.base = base  # set: episodes carry the query's base-class label
 
     def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """(image, mask) transformed, and the binarised mask at original resolution."""
         image = self.source.load_image(image_id)
         mask = self.source.load_mask(image_id, class_id)
-        if image.shape[:2] != mask.shape:
-            raise DataError(
-                f"{self.source.name} image {image_id!r} is {image.shape[:2]} but its label is {mask.shape}"
-            )
+        _check_size(self.source, image_id, image, mask)
         return (*self.transform(image, mask), mask)
 
+    def _load_query(self, image_id: str, class_id: int) -> tuple[torch.Tensor, ...]:
+        """(image, mask[, base-class label]) transformed together, and the raw binarised mask."""
+        if self.base is None:
+            return self._load(image_id, class_id)
+        image, label = self.source.load_image(image_id), self.source.load_label(image_id)
+        _check_size(self.source, image_id, image, label)
+        mask = binarise(label, class_id)
+        img, q_mask, q_base = self.transform(image, mask, base_labels(label, self.base))
+        return img, q_mask, mask, q_base
+
     def _episode(self, spec: EpisodeSpec, episode_idx: int) -> tuple[dict, np.ndarray]:
-        q_img, q_mask, q_raw = self._load(spec.query, spec.class_id)
+        q_img, q_mask, q_raw, *q_base = self._load_query(spec.query, spec.class_id)
         supports = [self._load(s, spec.class_id) for s in spec.supports]
         item = {
             "query_img": q_img,
@@ -91,14 +116,17 @@ class _EpisodeReader(Dataset):
             "query_id": spec.query,
             "support_ids": list(spec.supports),
         }
+        if q_base:
+            item["query_base_label"] = q_base[0]
         return item, q_raw
 
 
 class TrainEpisodes(_EpisodeReader):
     """One item per query image (not class-balanced), as the PFENet family trains."""
 
-    def __init__(self, source, transform, shot, index: ClassIndex, classes: list[int], min_area: int = 0):
-        super().__init__(source, transform, shot)
+    def __init__(self, source, transform, shot, index: ClassIndex, classes: list[int], min_area: int = 0,
+                 base: list[int] | None = None):  # fmt: skip
+        super().__init__(source, transform, shot, base)
         self.index = index
         self.pools = images_per_class(index, classes, min_area)
         rng = np.random.default_rng(0)  # only asks whether some class of the query can be supported
@@ -125,8 +153,8 @@ class FixedEpisodes(_EpisodeReader):
     """The saved test episodes; also returns the query label for original-resolution scoring, in the
     test transform's frame (the raw label, or padded to a square for the PFENet resize)."""
 
-    def __init__(self, source, transform, shot, episodes: list[EpisodeSpec]):
-        super().__init__(source, transform, shot)
+    def __init__(self, source, transform, shot, episodes: list[EpisodeSpec], base: list[int] | None = None):
+        super().__init__(source, transform, shot, base)
         self.episodes = episodes
 
     def __len__(self) -> int:
@@ -139,6 +167,29 @@ class FixedEpisodes(_EpisodeReader):
         item, q_raw = self._episode(self.episodes[i], i)
         item["query_mask_orig"] = torch.from_numpy(self.transform.original_frame(q_raw)).long()
         return item
+
+
+class SemanticImages(Dataset):
+    """Whole images with the fold's base-class labels (task=semantic): 0 background and novel
+    classes, 1..Nb the base classes in ascending id order, 255 ignore. The training crop's redraw
+    rule looks at label 1 (here the first base class), exactly as BAM's `Crop` does on these labels."""
+
+    def __init__(self, source: SegmentationSource, transform: PairTransform, image_ids: list[str],
+                 base: list[int], train: bool):  # fmt: skip
+        self.source, self.transform, self.image_ids, self.base = source, transform, image_ids, base
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        # Training: torch's per-worker RNG (reproducible); evaluation: seeded by position.
+        self.transform.set_seed(int(torch.randint(0, 2**31, ()).item()) if self.train else i)
+        image_id = self.image_ids[i]
+        image, label = self.source.load_image(image_id), self.source.load_label(image_id)
+        _check_size(self.source, image_id, image, label)
+        img, target = self.transform(image, base_labels(label, self.base))
+        return {"image": img, "label": target, "image_id": image_id}
 
 
 class FewShotDataModule(LightningDataModule):
@@ -166,8 +217,13 @@ class FewShotDataModule(LightningDataModule):
         exclude_novel_in_train: bool = False,
         protocol: str | None = None,
         protocols: Mapping | None = None,
+        task: str = "episodes",
+        base_label: bool = False,
     ):
         super().__init__()
+        if task not in TASKS:
+            raise ConfigError(f"data.task={task!r}: expected one of {list(TASKS)}")
+        self.task, self.base_label = task, bool(base_label)
         if shot < 1:
             raise ConfigError(f"shot={shot}: expected an integer >= 1 (support images per episode)")
         self.source = source(root=root)  # a partial: the config names the dataset, data.root the place
@@ -232,14 +288,47 @@ class FewShotDataModule(LightningDataModule):
         n = self.num_test_episodes if num_episodes is None else num_episodes
         return self._episodes(self.test_split, self.novel, n, self.test_seed if seed is None else seed)
 
+    @property
+    def num_base_classes(self) -> int:
+        """The fold's base classes (semantic mode's labels are 0..num_base_classes)."""
+        return len(self.base)
+
+    def _check_label_maps(self, what: str) -> None:
+        if type(self.source).load_label is SegmentationSource.load_label:
+            raise ConfigError(f"{what} needs semantic label maps, which {self.source.name} does not have")
+
+    def _semantic_images(self, split: str, transform: PairTransform, train: bool) -> SemanticImages:
+        ids = list(self._index(split, train and self.exclude_novel_in_train))
+        if not ids:
+            raise DataError(f"{self.source.name} split {split!r} has no images")
+        return SemanticImages(self.source, transform, ids, self.base, train)
+
     def prepare_data(self) -> None:
         # Rank 0 only: generate/check the data, build the class indexes and the episode files once.
         self.source.prepare()
         self._index(self.train_split)
+        if self.task == "semantic":
+            self._check_label_maps("data.task=semantic")
+            self._index(self.val_split)
+            self._index(self.test_split)
+            return
+        if self.base_label:
+            self._check_label_maps("data.base_label=true")
         self._val_episodes()
         self._test_episodes()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.task == "semantic":
+            # BAM validates on the whole val list (the test split unless data.val_split is set).
+            if stage in (None, "fit"):
+                self.train_set = self._semantic_images(self.train_split, self.train_transform, True)
+                self.val_set = self._semantic_images(self.val_split, self.test_transform, False)
+            if stage in (None, "test", "validate"):
+                self.test_set = self._semantic_images(self.test_split, self.test_transform, False)
+                if stage == "validate":
+                    self.val_set = self.test_set
+            return
+        base = self.base if self.base_label else None
         if stage in (None, "fit"):
             self.train_set = TrainEpisodes(
                 self.source,
@@ -248,10 +337,15 @@ class FewShotDataModule(LightningDataModule):
                 self._index(self.train_split, self.exclude_novel_in_train),
                 self.base,
                 self.min_area,
+                base,
             )
-            self.val_set = FixedEpisodes(self.source, self.test_transform, self.shot, self._val_episodes())
+            self.val_set = FixedEpisodes(
+                self.source, self.test_transform, self.shot, self._val_episodes(), base
+            )
         if stage in (None, "test", "validate"):
-            self.test_set = FixedEpisodes(self.source, self.test_transform, self.shot, self._test_episodes())
+            self.test_set = FixedEpisodes(
+                self.source, self.test_transform, self.shot, self._test_episodes(), base
+            )
             if stage == "validate":
                 self.val_set = self.test_set
 

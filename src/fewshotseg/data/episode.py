@@ -27,10 +27,21 @@ class Episode(TypedDict, total=False):
         torch.Tensor
     ]  # binarised label at original resolution, in the test transform's frame (eval only):
     # [h_i,w_i] for a squash resize; padded with 255 to [L,L], L = max(h_i,w_i), for the PFENet resize
+    query_base_label: torch.Tensor  # [B,H,W] long, only when the method asks (data.base_label=true):
+    # the query's base-class label (BAM's label_b), transformed with the query: 1..Nb = the fold's
+    # base classes in ascending class-id order, 0 = background and novel classes, 255 = ignore
+
+
+class SemanticBatch(TypedDict, total=False):
+    """Semantic mode (data.task=semantic, BAM's base-learner stage): whole images of a split."""
+
+    image: torch.Tensor  # [B,3,H,W] float, normalised
+    label: torch.Tensor  # [B,H,W] long: 0 background (and novel classes), 1..Nb base classes, 255 ignore
+    image_id: list[str]
 
 
 # Keys that cannot be stacked (variable sizes or strings) and are kept as lists.
-_LIST_KEYS = ("query_id", "support_ids", "query_mask_orig")
+_LIST_KEYS = ("query_id", "support_ids", "query_mask_orig", "image_id")
 
 
 def collate_episodes(items: list[dict]) -> Episode:

@@ -8,6 +8,10 @@
   multiple of 8, at the top-left of a size x size canvas of raw pixel value 0 (label 255).
 - resize_transform: squash-resize to size x size (HSNet for training and test, PANet).
 
+Every transform takes an optional `extra` label (HxW uint8, e.g. the query's base-class label of
+BAM-style methods) that goes through the same geometry as the mask (nearest, 255 fill) and comes
+back as a third tensor; the crop/redraw rules look at the mask only.
+
 A transform also says in which frame original-resolution scoring compares (`original_frame`): the
 raw label for a squash resize; the raw label padded with 255 to a square of side max(H, W) for the
 PFENet resize, whose logits are upsampled to that square (protocol.md 3.2).
@@ -27,9 +31,20 @@ _STD_PIXEL = tuple(255 * s for s in IMAGENET_STD)
 IGNORE = 255
 
 
-def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_tensors(image: np.ndarray, *labels: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """[3,H,W] float and each label as [H,W] long."""
     img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
-    return img, torch.from_numpy(np.ascontiguousarray(mask)).long()
+    return img, *(torch.from_numpy(np.ascontiguousarray(label)).long() for label in labels)
+
+
+def _labels(mask: np.ndarray, extra: np.ndarray | None) -> list[np.ndarray]:
+    """The mask, and the extra label if any. They go through albumentations as `masks=[...]`, which
+    moves each exactly as a lone mask (an HxWx2 stack would rotate a few pixels differently)."""
+    if extra is None:
+        return [mask]
+    if extra.shape != mask.shape:
+        raise ValueError(f"extra label {extra.shape} must have the mask's shape {mask.shape}")
+    return [mask, extra]
 
 
 class PairTransform:
@@ -47,13 +62,15 @@ class PairTransform:
         """The raw label as original-resolution scoring sees it (see the module docstring)."""
         return label
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, extra: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, ...]:
         had_foreground = bool((mask == 1).any())
         for _ in range(self.keep_foreground_tries):
-            out = self.pipeline(image=image, mask=mask)
-            if not had_foreground or (out["mask"] == 1).any():
+            out = self.pipeline(image=image, masks=_labels(mask, extra))
+            if not had_foreground or (out["masks"][0] == 1).any():
                 break
-        return _to_tensors(out["image"], out["mask"])
+        return _to_tensors(out["image"], *out["masks"])
 
 
 class AugmentTransform(PairTransform):
@@ -73,17 +90,20 @@ class AugmentTransform(PairTransform):
         self.before_crop.set_random_seed(seed)
         self._rng = np.random.default_rng(seed)
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.before_crop(image=image, mask=mask)
-        image, mask = out["image"], out["mask"]
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, extra: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        out = self.before_crop(image=image, masks=_labels(mask, extra))
+        image, labels = out["image"], out["masks"]
+        mask = labels[0]
         (h, w), cs = mask.shape, self.crop_size
         total = int((mask == 1).sum())
         for _ in range(max(1, self.keep_foreground_tries)):
             y, x = int(self._rng.integers(h - cs + 1)), int(self._rng.integers(w - cs + 1))
             if (mask[y : y + cs, x : x + cs] == 1).sum() >= self.keep_ratio * total:
                 break
-        image, mask = image[y : y + cs, x : x + cs], mask[y : y + cs, x : x + cs]
-        return _to_tensors(self.normalise(image=image)["image"], mask)
+        crops = [label[y : y + cs, x : x + cs] for label in labels]
+        return _to_tensors(self.normalise(image=image[y : y + cs, x : x + cs])["image"], *crops)
 
 
 def train_transform(
@@ -140,14 +160,19 @@ class PadTransform(PairTransform):
         out[: label.shape[0], : label.shape[1]] = label
         return out
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, extra: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, ...]:
         nh, nw = pfenet_resized_shape(*mask.shape, self.size)
         canvas = np.zeros((self.size, self.size, 3), np.float32)  # raw 0: normalised black, as PFENet
         canvas[:nh, :nw] = cv2.resize(image.astype(np.float32), (nw, nh), interpolation=cv2.INTER_LINEAR)
-        label = np.full((self.size, self.size), IGNORE, np.uint8)
-        label[:nh, :nw] = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        labels = []
+        for m in _labels(mask, extra):
+            label = np.full((self.size, self.size), IGNORE, np.uint8)
+            label[:nh, :nw] = cv2.resize(m, (nw, nh), interpolation=cv2.INTER_NEAREST)
+            labels.append(label)
         canvas = (canvas - np.float32(_MEAN_PIXEL)) / np.float32(_STD_PIXEL)
-        return _to_tensors(canvas, label)
+        return _to_tensors(canvas, *labels)
 
 
 def pad_transform(size: int) -> PairTransform:

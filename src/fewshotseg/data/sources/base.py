@@ -32,6 +32,15 @@ def binarise(label: np.ndarray, class_id: int) -> np.ndarray:
     return out
 
 
+def base_labels(label: np.ndarray, base: list[int]) -> np.ndarray:
+    """BAM's base-class label (`get_mulway_base_data.py`, `label_b`): the i-th class of `base`
+    (ascending class ids) -> i + 1, every other class (novel) -> 0, 255 kept."""
+    lut = np.zeros(256, np.uint8)
+    lut[np.asarray(sorted(base), dtype=np.int64)] = np.arange(1, len(base) + 1, dtype=np.uint8)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut[label]
+
+
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
