@@ -428,13 +428,20 @@ class Backbone(nn.Module):
             return [(str(i), m) for i, m in enumerate(self.body.features)]
         return list(self.body.items())
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, levels=None) -> dict[int, torch.Tensor]:
+        """{level: map} for the built levels, or for `levels`, a subset of them: the stages after
+        the deepest one asked for are not run (PFENet's support pass stops at level 3, runs level 4
+        on the masked map, and must not update level 4's BN statistics with the unmasked one)."""
+        if levels is None:
+            levels = self.levels
+        elif not set(levels) <= set(self.levels):
+            raise ConfigError(f"backbone {self.name!r}: levels {sorted(levels)} are not all built: {self.levels}")
         with self._grad():
             if self.is_vit:
-                return self._vit_forward(x)
+                return self._vit_forward(x, levels)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            wanted = {self.level_module[level]: level for level in self.levels}
+            wanted = {self.level_module[level]: level for level in levels}
             out: dict[int, torch.Tensor] = {}
             for name, module in self._ordered_modules():
                 x = module(x)
@@ -444,13 +451,13 @@ class Backbone(nn.Module):
                         break
             return out
 
-    def _vit_forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        deep = [level for level in self.levels if level > 0]
+    def _vit_forward(self, x: torch.Tensor, levels) -> dict[int, torch.Tensor]:
+        deep = sorted(level for level in levels if level > 0)
         maps = self.body.forward_intermediates(
-            x, indices=[self.level_block[level] for level in deep], intermediates_only=True
+            x, indices=[self.level_block[level] for level in deep], intermediates_only=True, stop_early=True
         )
         out = dict(zip(deep, maps, strict=True))
-        if 0 in self.levels:
+        if 0 in levels:
             out[0] = self.body.patch_embed(x).permute(0, 3, 1, 2)
         return out
 
@@ -479,3 +486,105 @@ class Backbone(nn.Module):
             for name in order[order.index(prev) + 1 : order.index(self.level_module[level]) + 1]:
                 x = modules[name](x)
             return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-block ("hyper") features: HSNet / Sym-Net hyper-correlation inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _final_activation(block: nn.Module) -> nn.Module | None:
+    """The activation after a residual block's sum (timm Bottleneck: act3, BasicBlock: act2)."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    if isinstance(block, Bottleneck):
+        return block.act3
+    if isinstance(block, BasicBlock):
+        return block.act2
+    return None
+
+
+class BlockFeatures:
+    """Taps every block of some levels of a `Backbone` during its ordinary forward, so the per-block
+    maps come from the same pass as the level features: `feats, blocks = BlockFeatures(bb, [2, 3,
+    4])(x)`, `blocks[level]` = one map per block of that level's stage, in network order.
+
+    What a "block" output is, per backbone:
+    - ResNets (timm Bottleneck / BasicBlock; the PSPNet ResNets too): the **pre-ReLU** sum
+      bn3(...) + shortcut (BasicBlock: bn2 + shortcut), taken as the input of the block's last
+      activation (a forward hook on the block would only see the post-ReLU output). R50: 3/4/6/3
+      maps for levels 1..4, R101: 3/4/23/3 (HSNet, Sym-Net).
+    - other timm CNNs (ConvNeXt, ...): the output of every block of the stage (`stage.blocks`, or
+      the stage's children when it is a plain Sequential).
+    - `vgg16_panet`: the output of every conv of the block, after its ReLU (conv5_3 has none).
+    - ViTs: the patch tokens after every transformer block between the previous level and this
+      one, as a map on the patch grid (prefix tokens dropped).
+
+    The levels must be among the backbone's built levels. The hooks exist only while this object
+    is called (the modules stay hook-free: copies and pickles of the model are unaffected);
+    `counts[level]` is the number of maps of each level. Not an nn.Module: it holds no parameters
+    and must not register the backbone twice.
+    """
+
+    def __init__(self, backbone: Backbone, levels):
+        levels = tuple(sorted({int(level) for level in levels}))
+        missing = [level for level in levels if level not in backbone.levels]
+        if missing:
+            raise ConfigError(
+                f"backbone {backbone.name!r}: block features of level(s) {missing} need them built: "
+                f"built levels {list(backbone.levels)}"
+            )
+        self.backbone, self.levels = backbone, levels
+        self.taps = {level: self._taps(level) for level in levels}
+        self.counts = {level: len(taps) for level, taps in self.taps.items()}
+
+    def _taps(self, level: int) -> list[tuple[nn.Module, bool]]:
+        """(module, True: record its input / False: its output) for every block of `level`."""
+        bb = self.backbone
+        if bb.is_vit:
+            lo = bb.level_block[level - 1] + 1 if level > 0 else 0
+            return [(block, False) for block in bb.body.blocks[lo : bb.level_block[level] + 1]]
+        if isinstance(bb.body, PANetVGG16):
+            lo = bb.body.ends[level - 1] + 1 if level > 0 else 0
+            span = list(bb.body.features)[lo : bb.body.ends[level] + 1]
+            return [
+                (m, False)
+                for i, m in enumerate(span)
+                if isinstance(m, nn.ReLU) or (isinstance(m, nn.Conv2d) and i == len(span) - 1)
+            ]
+        stage = dict(bb._ordered_modules())[bb.level_module[level]]
+        blocks = list(getattr(stage, "blocks", stage).children())
+        taps = []
+        for block in blocks:
+            act = _final_activation(block)
+            taps.append((act, True) if act is not None else (block, False))
+        return taps
+
+    def __call__(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
+        blocks: dict[int, list[torch.Tensor]] = {level: [] for level in self.levels}
+
+        def keep_input(level):  # the input of a ResNet block's last ReLU: bn3 + shortcut
+            return lambda module, args: blocks[level].append(args[0].clone())  # (the ReLU is in place)
+
+        def keep_output(level):
+            return lambda module, args, output: blocks[level].append(output.clone())
+
+        handles = [
+            module.register_forward_pre_hook(keep_input(level)) if pre
+            else module.register_forward_hook(keep_output(level))
+            for level, taps in self.taps.items()
+            for module, pre in taps
+        ]  # fmt: skip
+        try:
+            feats = self.backbone(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.backbone.is_vit:  # tokens -> maps on the level features' patch grid
+            n, _, h, w = next(iter(feats.values())).shape
+            prefix = getattr(self.backbone.body, "num_prefix_tokens", 0)
+            blocks = {
+                level: [t[:, prefix:].transpose(1, 2).reshape(n, -1, h, w) for t in maps]
+                for level, maps in blocks.items()
+            }
+        return feats, blocks

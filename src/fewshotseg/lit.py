@@ -81,7 +81,7 @@ class FewShotSegModule(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(datamodule, "eval_resolution", None) or "input"
 
-    def _evaluate(self, batch: Episode, stage: str) -> dict[str, torch.Tensor]:
+    def _evaluate(self, batch: Episode, metric: FewShotIoU, stage: str = "test") -> dict[str, torch.Tensor]:
         """Score the episode. input: the argmax at network input size against the transformed label.
         original: the logits upsampled bilinearly (align_corners=True, as PFENet and HSNet do) to the
         label in `query_mask_orig`; with the PFENet test resize that label is the raw label padded
@@ -89,7 +89,6 @@ class FewShotSegModule(LightningModule):
         and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
         visible = {k: v for k, v in batch.items() if k != "query_mask"}
         logits, aux = self.method(visible)
-        metric = self.val_iou if stage == "val" else self.test_iou
         for name, extra in aux.items():
             if name.startswith("logits/"):
                 key = f"{stage}_{name[len('logits/') :]}"
@@ -112,10 +111,10 @@ class FewShotSegModule(LightningModule):
         return logits.argmax(1)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> dict:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, self.val_iou, "val")
 
     def test_step(self, batch: Episode, batch_idx: int) -> dict:
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch, self.test_iou, "test")
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_iou.compute()
