@@ -2,28 +2,43 @@
 
     python -m fewshotseg.evaluate ckpt=logs/train/runs/<run>/checkpoints/best-epoch009.ckpt
     python -m fewshotseg.evaluate ckpt=... seeds=[0,1,2,3,4] data.root=/datasets/VOC2012
+    python -m fewshotseg.evaluate method=asgnet data=pascal fold=0 shot=1 weights=<authors' file>
 
-Prints IoU per class and seed, then mIoU and FB-IoU as mean +- std over the seeds, and writes
-them to results.json in the run folder.
+`ckpt=` rebuilds the run from the config stored in the checkpoint (data.*, protocol=, fold=, shot=
+given here override the stored ones). `weights=` evaluates the authors' released checkpoint: the
+run is composed as `train` would compose it and the file is mapped onto the method by its module's
+`convert_official_state`. Prints IoU per class and seed, then mIoU and FB-IoU as mean +- std over
+the seeds, and writes them to results.json in the run folder (the format `train` writes too).
 """
 
 from __future__ import annotations
 
-import json
-import statistics
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshotseg.cli import CONFIG_DIR, build, user_errors
+from fewshotseg.cli import (  # noqa: F401 - summarise re-exported
+    CONFIG_DIR,
+    build_run,
+    load_official_weights,
+    summarise,
+    user_errors,
+    write_results,
+)
 from fewshotseg.errors import ConfigError
+
+# Config groups that a checkpoint fixes: choosing them next to ckpt= is an error, not a silent no-op.
+_FIXED_BY_CKPT = ("method", "data", "backbone", "preset", "experiment")
 
 
 def load_run(ckpt_path: str, overrides: DictConfig):
-    """The module (with the checkpoint's weights) and datamodule of a training run."""
+    """The module (with the checkpoint's weights) and datamodule of a training run. `overrides`:
+    data.* keys that replace the stored ones, num_test_episodes, eval_resolution (null: as stored)."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt={ckpt_path}: no such checkpoint file")
@@ -31,6 +46,7 @@ def load_run(ckpt_path: str, overrides: DictConfig):
     if "fewshotseg_config" not in ckpt:
         raise ConfigError(f"ckpt={ckpt_path} was not written by fewshotseg.train (no stored run config)")
     cfg = OmegaConf.create(ckpt["fewshotseg_config"])
+    cfg.choices = cfg.get("choices") or {}  # older checkpoints: never the evaluating app's choices
     cfg.method.model.backbone.pretrained = False  # the weights come from the checkpoint
     cfg.method.model.backbone.weights = None
     given = {k: v for k, v in (overrides.get("data") or {}).items() if v is not None}
@@ -39,14 +55,68 @@ def load_run(ckpt_path: str, overrides: DictConfig):
         cfg.data.num_test_episodes = overrides.num_test_episodes
     if overrides.get("eval_resolution"):
         cfg.eval_resolution = overrides.eval_resolution
-    datamodule, module = build(cfg)
+    datamodule, module = build_run(cfg)
     module.load_state_dict(ckpt["state_dict"])
     return cfg, datamodule, module
 
 
+def load_released(cfg: DictConfig):
+    """The run `cfg` composes (as `train` would), with the authors' weights in `cfg.weights`."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        backbone = cfg.method.model.get("backbone")
+        if backbone is not None:  # the released file holds the backbone too: nothing to download
+            backbone.pretrained, backbone.weights = False, None
+        if cfg.get("num_test_episodes"):
+            cfg.data.num_test_episodes = cfg.num_test_episodes
+    datamodule, module = build_run(cfg)
+    load_official_weights(module, cfg, cfg.weights)
+    return cfg, datamodule, module
+
+
+def command_line_overrides(cfg: DictConfig) -> DictConfig:
+    """The data settings the user gave on the command line (data.*, protocol=, fold=, shot=), for
+    ckpt= runs; everything else in `cfg.data` is only the composed default."""
+    out = OmegaConf.create({"data": {}})
+    if not HydraConfig.initialized():
+        return out
+    hydra_cfg = HydraConfig.get()
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if key in _FIXED_BY_CKPT:
+            raise ConfigError(
+                f"{key}= cannot be combined with ckpt=: the checkpoint fixes the method, data and backbone "
+                "(data.* keys, protocol=, fold= and shot= override single settings)"
+            )
+        if key.startswith("data.") and not override.is_delete():
+            OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
+        elif key in ("fold", "shot"):
+            out.data[key] = cfg[key]
+    if hydra_cfg.runtime.choices.get("protocol"):
+        out.data.protocol = cfg.data.protocol
+    return out
+
+
+def load_model(cfg: DictConfig):
+    """(run config, datamodule, module) from `ckpt=` (ours) or `weights=` (the authors'), exactly one."""
+    if bool(cfg.get("ckpt")) == bool(cfg.get("weights")):
+        raise ConfigError(
+            "give ckpt=<a fewshotseg checkpoint> or method=<m> data=<d> fold=<f> shot=<k> weights=<the authors' "
+            "file>, not both"
+            if cfg.get("ckpt")
+            else "no model: give ckpt=<a fewshotseg checkpoint> or method=<m> ... weights=<the authors' file>"
+        )
+    if cfg.ckpt:
+        overrides = command_line_overrides(cfg)
+        overrides.num_test_episodes = cfg.get("num_test_episodes")
+        overrides.eval_resolution = cfg.get("eval_resolution")
+        return load_run(cfg.ckpt, overrides)
+    return load_released(cfg)
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    run_cfg, datamodule, module = load_run(cfg.ckpt, cfg)
-    trainer = L.Trainer(logger=False, callbacks=[], enable_model_summary=False, **cfg.trainer)
+    run_cfg, datamodule, module = load_model(cfg)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     runs = {}
     for seed in cfg.seeds:
         datamodule.test_seed = int(seed)
@@ -57,39 +127,26 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = summarise(runs)
     print(format_table(runs, summary, datamodule))
     out = Path(cfg.paths.output_dir) / "results.json"
-    out.write_text(json.dumps({"ckpt": str(cfg.ckpt), "runs": runs, "summary": summary}, indent=2))
+    write_results(out, OmegaConf.create(module.config), runs, ckpt=cfg.ckpt, weights=cfg.weights)
     print(f"results written to {out}")
     return summary
 
 
-def summarise(runs: dict[int, dict]) -> dict:
-    def mean_std(values: list[float]) -> dict:
-        return {
-            "mean": statistics.fmean(values),
-            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-        }
-
-    classes = list(next(iter(runs.values()))["iou_per_class"])
-    return {
-        "miou": mean_std([r["miou"] for r in runs.values()]),
-        "fbiou": mean_std([r["fbiou"] for r in runs.values()]),
-        "iou_per_class": {c: mean_std([r["iou_per_class"][c] for r in runs.values()]) for c in classes},
-    }
-
-
 def format_table(runs: dict[int, dict], summary: dict, datamodule) -> str:
     seeds = list(runs)
-    width = max(len(c) for c in summary["iou_per_class"]) + 2
+    width = max([len(c) for c in summary["iou_per_class"]] + [8]) + 2
     head = f"{'class':<{width}}" + "".join(f"seed {s:<6}" for s in seeds) + "mean +- std"
-    lines = [f"{datamodule.source.name} fold {datamodule.fold}, {datamodule.shot}-shot, "
-             f"{len(datamodule.test_set)} episodes per seed", head]  # fmt: skip
+    dm = datamodule
+    lines = [f"{dm.source.name} fold {dm.fold}, {getattr(dm, 'shot', '-')}-shot, "
+             f"{len(dm.test_set)} episodes per seed", head]  # fmt: skip
     rows = [
-        (c, [runs[s]["iou_per_class"][c] for s in seeds], summary["iou_per_class"][c])
+        (c, [runs[s]["iou_per_class"].get(c, float("nan")) for s in seeds], summary["iou_per_class"][c])
         for c in summary["iou_per_class"]
     ]
-    rows += [
-        ("mIoU", [runs[s]["miou"] for s in seeds], summary["miou"]),
-        ("FB-IoU", [runs[s]["fbiou"] for s in seeds], summary["fbiou"]),
+    names = {"miou": "mIoU", "fbiou": "FB-IoU"}
+    rows += [  # mIoU, FB-IoU, then any metric a method adds (e.g. meta_miou)
+        (names.get(k, k), [runs[s][k] for s in seeds], summary[k])
+        for k in sorted((k for k in summary if k != "iou_per_class"), key=lambda k: (k not in names, k))
     ]
     for name, values, ms in rows:
         lines.append(

@@ -15,8 +15,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fewshotseg.cli import CONFIG_DIR, build, finish_wandb, instantiate_group, prepare_wandb, user_errors
+from fewshotseg.cli import (
+    CONFIG_DIR,
+    build,
+    finish_wandb,
+    instantiate_group,
+    prepare_wandb,
+    user_errors,
+    write_results,
+)
 from fewshotseg.errors import ConfigError
+from fewshotseg.lit_semantic import build_semantic
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,8 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file to resume from")
     L.seed_everything(cfg.seed, workers=True)
     prepare_wandb(cfg)
-    datamodule, module = build(cfg)
+    semantic = cfg.method.get("task") == "semantic"  # a stage such as method=pspnet_base
+    datamodule, module = build_semantic(cfg) if semantic else build(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
@@ -41,7 +51,12 @@ def train(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         results = module.test_results
     finish_wandb(loggers)
-    if trainer.is_global_zero and results:
+    if trainer.is_global_zero and results:  # the same results.json as `evaluate` writes (read by `report`)
+        runs = {getattr(datamodule, "test_seed", 0): results}
+        write_results(
+            Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, ckpt=best or None
+        )
+    if trainer.is_global_zero and results and not semantic:  # SemanticSegModule prints its own
         dm = datamodule
         print(
             f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"

@@ -79,3 +79,58 @@ class PANet(nn.Module):
         per_support = ce.flatten(1).sum(1) / counted  # mean over pixels, as a per-call CE mean
         per_episode = per_support.view(B, K).mean(1) * has_fg
         return per_episode.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# The authors' checkpoints
+# ------------------------------------------------------------------------------------------------
+
+# PANet's sacred snapshots (`torch.save(model.state_dict())` of a DataParallel `FewShotSeg`) hold
+# only the encoder: `module.encoder.backbone.features.{2*block}.{2*conv}.{weight,bias}` (specs/panet.md
+# §1). Here the encoder is `backbone.body`: VGG-16 with torchvision's flat `features.N` indices.
+# Another backbone keeps its own names under `encoder.backbone.` (where PANet's code would hold it).
+_OFFICIAL_ENCODER, _OUR_ENCODER = "encoder.backbone.", "backbone.body."
+
+
+def _unmapped(where: str, keys: list[str]):
+    from fewshotseg.errors import ConfigError  # (imports local: this section was appended)
+
+    more = " ..." if len(keys) > 20 else ""
+    return ConfigError(f"{where}: {len(keys)} key(s) outside PANet's encoder: {sorted(keys)[:20]}{more}")
+
+
+def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PANet's released snapshot (with or without DataParallel's `module.`) -> this module's names;
+    the VGG-16 convs are renumbered (`features.{2b}.{2j}` -> `features.N`). A key outside the
+    encoder raises ConfigError; a missing one is caught by the strict load."""
+    from fewshotseg.backbones import panet_vgg_keys
+
+    encoder, unmapped = {}, []
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(_OFFICIAL_ENCODER):
+            encoder[key[len(_OFFICIAL_ENCODER) :]] = value
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise _unmapped("PANet checkpoint", unmapped)
+    return {_OUR_ENCODER + k: v for k, v in panet_vgg_keys(encoder).items()}
+
+
+def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`convert_official_state`: this module's state dict -> PANet's names."""
+    from fewshotseg.backbones import panet_vgg_keys
+
+    nested = [f"features.{2 * b}.{2 * j}.{p}" for b, n in enumerate((2, 2, 3, 3, 3)) for j in range(n)
+              for p in ("weight", "bias")]  # fmt: skip
+    to_nested = dict(zip(panet_vgg_keys(dict.fromkeys(nested)), nested, strict=True))
+    out, unmapped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(_OUR_ENCODER):
+            rest = key[len(_OUR_ENCODER) :]
+            out[_OFFICIAL_ENCODER + to_nested.get(rest, rest)] = value
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise _unmapped("PANet to_official_state", unmapped)
+    return out
