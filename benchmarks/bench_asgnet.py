@@ -23,11 +23,11 @@ from fewshotseg.ops.superpixel import batched_superpixel_clustering, superpixel_
 
 
 class Stopwatch:
-    """Wraps a function of the method module and adds up its wall time (device synchronised)."""
+    """Wraps a function of a method module and adds up its wall time (device synchronised)."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, module=asgnet_module):
         self.name, self.device, self.seconds = name, device, 0.0
-        self.real = getattr(asgnet_module, name)
+        self.real = getattr(module, name)
 
     def __call__(self, *args, **kwargs):
         sync(self.device)

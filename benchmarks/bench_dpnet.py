@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import torch
 from bench import peak_rss_mib, section, sync
-from bench_asgnet import episode_batch, eval_step, measure
+from bench_asgnet import Stopwatch, episode_batch, eval_step, measure
 
 import fewshotseg.methods.dpnet as dpnet_module
 from fewshotseg.backbones import Backbone
 from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.dpnet import DPNet
-
-
-class Stopwatch:
-    """Wraps a function of the DPNet module and adds up its wall time (device synchronised)."""
-
-    def __init__(self, name: str, device: torch.device):
-        self.name, self.device, self.seconds = name, device, 0.0
-        self.real = getattr(dpnet_module, name)
-
-    def __call__(self, *args, **kwargs):
-        sync(self.device)
-        start = time.perf_counter()
-        out = self.real(*args, **kwargs)
-        sync(self.device)
-        self.seconds += time.perf_counter() - start
-        return out
 
 
 def train_step(model, optimizer, batch, device) -> None:
@@ -68,7 +51,7 @@ def dpnet(args) -> list[dict]:
             [p for p in model.parameters() if p.requires_grad], lr=0.025, momentum=0.9
         )
         batch = episode_batch(batch_size, shot, size, device)
-        watch = Stopwatch("cycle_comparison", device)
+        watch = Stopwatch("cycle_comparison", device, dpnet_module)
         dpnet_module.cycle_comparison = watch
         tag = f"{shot}-shot, {size}px, batch {batch_size}, {name}"
         steps_of = {

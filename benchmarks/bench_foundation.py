@@ -48,14 +48,14 @@ def data_loading(args) -> list[dict]:
         rows.append(
             {
                 "name": f"train episodes/s (1-shot, 113px, workers={workers})",
-                "value": timed(lambda: epoch(dm.train_dataloader)),
+                "value": timed(lambda dm=dm: epoch(dm.train_dataloader)),
                 "unit": "episodes/s",
             }
         )  # noqa: B023
         rows.append(
             {
                 "name": f"test episodes/s (1-shot, 113px, workers={workers})",
-                "value": timed(lambda: epoch(dm.test_dataloader)),
+                "value": timed(lambda dm=dm: epoch(dm.test_dataloader)),
                 "unit": "episodes/s",
             }
         )  # noqa: B023

@@ -435,7 +435,9 @@ class Backbone(nn.Module):
         if levels is None:
             levels = self.levels
         elif not set(levels) <= set(self.levels):
-            raise ConfigError(f"backbone {self.name!r}: levels {sorted(levels)} are not all built: {self.levels}")
+            raise ConfigError(
+                f"backbone {self.name!r}: levels {sorted(levels)} are not all built: {self.levels}"
+            )
         with self._grad():
             if self.is_vit:
                 return self._vit_forward(x, levels)

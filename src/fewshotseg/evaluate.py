@@ -49,6 +49,9 @@ def load_run(ckpt_path: str, overrides: DictConfig):
     cfg.choices = cfg.get("choices") or {}  # older checkpoints: never the evaluating app's choices
     cfg.method.model.backbone.pretrained = False  # the weights come from the checkpoint
     cfg.method.model.backbone.weights = None
+    extractor = cfg.method.model.get("prior_extractor")  # QGNet: the checkpoint holds it too
+    if extractor is not None and extractor.get("init", "weights") == "weights":
+        extractor.init = "random"
     given = {k: v for k, v in (overrides.get("data") or {}).items() if v is not None}
     cfg.data = OmegaConf.merge(cfg.data, given)
     if overrides.get("num_test_episodes"):

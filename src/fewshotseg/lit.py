@@ -27,6 +27,14 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def with_schedule(optimizer, scheduler_factory: Callable | None, trainer):
+    """Lightning's optimizer config: the schedule (if any) stepped every step over the whole run."""
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer, total_steps=int(trainer.estimated_stepping_batches))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class FewShotSegModule(LightningModule):
     def __init__(
         self,
@@ -155,13 +163,7 @@ class FewShotSegModule(LightningModule):
         params = [p for p in self.method.parameters() if p.requires_grad]
         if not params:  # parameter-free baselines
             return None
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self.optimizer_factory(params), self.scheduler_factory, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fewshotseg.errors import ConfigError
-from fewshotseg.lit import segmentation_loss
+from fewshotseg.lit import segmentation_loss, with_schedule
 from fewshotseg.metrics import SemanticIoU
 
 
@@ -107,13 +107,7 @@ class SemanticSegModule(LightningModule):
         groups = [{"params": head}]
         if body:  # BAM: the encoder first, at base_lr; ppm and cls at 10x (the effective lr here)
             groups.insert(0, {"params": body, **({"lr": self.backbone_lr} if self.backbone_lr else {})})
-        optimizer = self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self.optimizer_factory(groups), self.scheduler_factory, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:

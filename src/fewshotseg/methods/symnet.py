@@ -272,6 +272,8 @@ class SymNet(nn.Module):
             config says; None: True with a base learner (official), else the backbone config's.
     """
 
+    uses_class_id = True  # the class-name embedding: `predict` asks for class_name=
+
     def __init__(
         self,
         backbone: Callable[..., nn.Module],

@@ -1,0 +1,77 @@
+"""Every method side by side: train and eval episodes/s of each method config (as
+`python -m fewshotseg.train method=<m>` builds it) on the synthetic benchmark's setting (ResNet-18
+at output stride 8, 113 px, 1-shot, batch 8) and, unless --quick, eval at the paper protocol's
+473 px (frozen deep-base ResNet-50, batch 2). Random weights and inputs; methods that load another
+stage's file by default run in their documented no-file mode.
+
+    python benchmarks/bench.py --only methods [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from bench import section
+from bench_asgnet import episode_batch, eval_step, measure
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from fewshotseg.cli import CONFIG_DIR
+from fewshotseg.lit import segmentation_loss
+
+METHODS = ["panet", "asgnet", "pfenet", "qgnet", "dpnet", "symnet"]
+NO_STAGE_FILE = {
+    "symnet": ["method.model.base_learner=null"],
+    "qgnet": ["method.model.prior_extractor.init=random"],
+}
+
+
+def build(method: str, backbone: str, device: torch.device) -> torch.nn.Module:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"method={method}", f"backbone={backbone}", *NO_STAGE_FILE.get(method, [])]
+        )
+    torch.manual_seed(0)
+    return instantiate(cfg.method.model).to(device)
+
+
+def train_step(model, optimizer, batch) -> None:
+    model.train()
+    logits, aux = model(batch)
+    loss = segmentation_loss(logits, batch["query_mask"]) + sum(
+        v for k, v in aux.items() if not k.startswith("logits/")
+    )
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@section("methods")
+def methods(args) -> list[dict]:
+    device = args.device
+    rows = [{"name": "load average (1 min) at start", "value": os.getloadavg()[0], "unit": ""}]
+    settings = [("resnet18", 113, 8, ("train", "eval"))]
+    if not args.quick:
+        settings.append(("resnet50_psp", 473, 2, ("eval",)))
+    steps, repeat = (1, 1) if args.quick else (2, 2)
+    for backbone, size, batch_size, phases in settings:
+        batch = episode_batch(batch_size, 1, size, device)
+        for method in METHODS:
+            if not (Path(CONFIG_DIR) / "method" / f"{method}.yaml").exists():
+                continue
+            model = build(method, backbone, device)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            runs = {
+                "train": functools.partial(train_step, model, optimizer, batch),
+                "eval": functools.partial(eval_step, model, batch, device),
+            }
+            for phase in phases:
+                speed, _ = measure(runs[phase], steps, batch_size, [], repeat)
+                rows.append({"name": f"{method} {phase} (1-shot, {size}px, batch {batch_size}, {backbone})",
+                             "value": speed, "unit": "episodes/s"})  # fmt: skip
+    return rows
