@@ -61,6 +61,7 @@ def methods(args) -> list[dict]:
     steps, repeat = (1, 1) if args.quick else (2, 2)
     for backbone, size, batch_size, phases in settings:
         batch = episode_batch(batch_size, 1, size, device)
+        batch["class_id"] = torch.ones(batch_size, dtype=torch.long, device=device)  # Sym-Net's text row
         for method in METHODS:
             if not (Path(CONFIG_DIR) / "method" / f"{method}.yaml").exists():
                 continue

@@ -27,11 +27,11 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def with_schedule(optimizer, scheduler_factory: Callable | None, trainer):
-    """Lightning's optimizer config: the schedule (if any) stepped every step over the whole run."""
+def with_schedule(optimizer, scheduler_factory: Callable | None, module: LightningModule):
+    """Lightning's optimizer config: the schedule (if any) stepped every step over the module's run."""
     if scheduler_factory is None:
         return optimizer
-    scheduler = scheduler_factory(optimizer, total_steps=int(trainer.estimated_stepping_batches))
+    scheduler = scheduler_factory(optimizer, total_steps=int(module.trainer.estimated_stepping_batches))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -163,7 +163,7 @@ class FewShotSegModule(LightningModule):
         params = [p for p in self.method.parameters() if p.requires_grad]
         if not params:  # parameter-free baselines
             return None
-        return with_schedule(self.optimizer_factory(params), self.scheduler_factory, self.trainer)
+        return with_schedule(self.optimizer_factory(params), self.scheduler_factory, self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:

@@ -107,7 +107,7 @@ class SemanticSegModule(LightningModule):
         groups = [{"params": head}]
         if body:  # BAM: the encoder first, at base_lr; ppm and cls at 10x (the effective lr here)
             groups.insert(0, {"params": body, **({"lr": self.backbone_lr} if self.backbone_lr else {})})
-        return with_schedule(self.optimizer_factory(groups), self.scheduler_factory, self.trainer)
+        return with_schedule(self.optimizer_factory(groups), self.scheduler_factory, self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:

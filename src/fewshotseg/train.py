@@ -61,6 +61,8 @@ def train(cfg: DictConfig) -> dict:
         print(
             f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"
         )
+        for key in sorted(k for k in results if k.endswith("_miou")):  # e.g. Sym-Net's meta-only mIoU
+            print(f"test {key[: -len('_miou')]}-only mIoU: {100 * results[key]:.2f}")
         print(f"test mIoU:   {100 * results['miou']:.2f}")
         print(f"test FB-IoU: {100 * results['fbiou']:.2f}")
     return results
