@@ -103,9 +103,14 @@ def test_channels_last_is_the_same_numbers():
     x = torch.randn(2, 3, 65, 65)
     with torch.no_grad():
         fa, fb = a(x), b(x)
-    assert fb[4].is_contiguous(memory_format=torch.channels_last)
+    assert fb[4].is_contiguous(memory_format=torch.channels_last)  # no-gradient pass: channels_last
     for level in (2, 3, 4):
         torch.testing.assert_close(fb[level], fa[level], rtol=1e-5, atol=1e-5)
+    assert b(x)[4].is_contiguous()  # heads that backpropagate get NCHW maps
+    trained = Backbone("resnet18", levels=[3], channels_last=True).train()
+    assert trained.body.conv1.weight.is_contiguous()  # a backpropagated backbone keeps NCHW weights
+    out = trained(x)[3]
+    assert out.is_contiguous() and out.requires_grad
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_small_patch14_dinov2", "vgg16_panet"])

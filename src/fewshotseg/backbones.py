@@ -287,8 +287,11 @@ class Backbone(nn.Module):
     level; `run_stage(x, level)` runs only the stage that produces `level` from a map of the
     previous level (PFENet's support layer4 from the masked layer3).
 
-    channels_last: convolutional backbones run in channels_last memory format (the same numbers
-    within float rounding, faster on CPU and GPU); ViTs ignore it.
+    channels_last: convolutional backbones run their no-gradient passes (a frozen backbone; any
+    evaluation) in channels_last memory format: the same numbers within float rounding, faster on
+    CPU (`make bench`, section memory_format). Passes that backpropagate stay in NCHW and return
+    NCHW maps, because on this project's CPU the channels_last backward was slower (training
+    0.6-0.7x); a GPU user may measure otherwise. ViTs ignore it.
     """
 
     def __init__(
@@ -361,7 +364,7 @@ class Backbone(nn.Module):
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name)), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
-        if channels_last:
+        if channels_last and frozen:  # never backpropagated: channels_last weights too
             self.body.to(memory_format=torch.channels_last)
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.body.modules())
         if frozen:
@@ -422,6 +425,12 @@ class Backbone(nn.Module):
     def _grad(self):
         return torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen)
 
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        """channels_last for passes without gradient (called inside `_grad`), NCHW otherwise."""
+        if self.channels_last and not torch.is_grad_enabled():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
     def _ordered_modules(self) -> list[tuple[str, nn.Module]]:
         """The CNN's modules in network order (PANet's VGG: `features` indices)."""
         if isinstance(self.body, PANetVGG16):
@@ -438,11 +447,15 @@ class Backbone(nn.Module):
             raise ConfigError(
                 f"backbone {self.name!r}: levels {sorted(levels)} are not all built: {self.levels}"
             )
+        if torch.is_grad_enabled() and self.channels_last:  # heads that backpropagate get NCHW maps
+            return {level: f.contiguous() for level, f in self._forward(x, levels).items()}
+        return self._forward(x, levels)
+
+    def _forward(self, x: torch.Tensor, levels) -> dict[int, torch.Tensor]:
         with self._grad():
             if self.is_vit:
                 return self._vit_forward(x, levels)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._format(x)
             wanted = {self.level_module[level]: level for level in levels}
             out: dict[int, torch.Tensor] = {}
             for name, module in self._ordered_modules():
@@ -471,6 +484,7 @@ class Backbone(nn.Module):
             raise ConfigError(
                 f"backbone {self.name!r}: run_stage needs level {level} among the built levels {self.levels}"
             )
+        caller_grad = torch.is_grad_enabled()
         with self._grad():
             if self.is_vit:
                 n, c, h, w = x.shape
@@ -478,8 +492,7 @@ class Backbone(nn.Module):
                 for block in self.body.blocks[self.level_block[level - 1] + 1 : self.level_block[level] + 1]:
                     tokens = block(tokens)
                 return tokens.transpose(1, 2).reshape(n, c, h, w)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._format(x)
             order = [name for name, _ in self._ordered_modules()]
             modules = dict(self._ordered_modules())
             prev = self.level_module.get(level - 1)
@@ -487,7 +500,7 @@ class Backbone(nn.Module):
                 prev = order[order.index(self.level_module[level]) - 1]
             for name in order[order.index(prev) + 1 : order.index(self.level_module[level]) + 1]:
                 x = modules[name](x)
-            return x
+            return x.contiguous() if caller_grad else x
 
 
 # ------------------------------------------------------------------------------------------------
