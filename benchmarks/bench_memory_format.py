@@ -1,6 +1,6 @@
 """Before/after channels_last (issue 7): PANet (VGG-16, 417 px) and ASGNet (deep-base ResNet-50,
-473 px, frozen, BN in train mode as the official code) train and eval episodes/s with the default
-contiguous NCHW format and with channels_last (backbone, and backbone + method heads), measured
+473 px, frozen, BN in train mode as the official code) train and eval episodes/s with contiguous
+NCHW everywhere, with the default channels_last policy, and with the heads in channels_last too, measured
 interleaved in one run so the ratio is robust to a shared machine's load; plus the largest
 difference of the eval logits (same weights).
 
@@ -21,7 +21,13 @@ from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.asgnet import ASGNet
 from fewshotseg.methods.panet import PANet
 
-FORMATS = {"NCHW": (False, False), "channels_last backbone": (True, False), "channels_last all": (True, True)}
+# NCHW everywhere; the default (backbone.channels_last: channels_last in passes without gradient,
+# NCHW maps to backpropagating heads); and the method's heads converted to channels_last as well.
+FORMATS = {
+    "NCHW": (False, False),
+    "default channels_last": (True, False),
+    "heads channels_last too": (True, True),
+}
 
 
 def build(method: str, channels_last: bool, heads: bool, device):
