@@ -434,3 +434,31 @@ def test_cli_trains_the_ablation_on_synthetic_data(tmp_path, data_dir, table_fil
     assert err is not None and "python -m fewshotseg.train method=pspnet_base data=synthetic fold=0" in str(
         err
     )
+
+
+@pytest.mark.slow
+def test_a_run_checkpoint_evaluates_without_the_base_learner_file(tmp_path, data_dir, table_file, base_ckpt):
+    """`evaluate ckpt=` / `predict ckpt=` on another machine: the run's checkpoint holds the base
+    learner, so its file is not needed any more."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose_train_cfg
+    from fewshotseg.evaluate import load_run
+    from fewshotseg.train import train
+
+    base_file = tmp_path / "base.ckpt"
+    shutil.copy(base_ckpt[0], base_file)
+    overrides = ["method=symnet", "backbone=resnet18", f"method.model.base_learner={base_file}",
+                 f"method.model.text_table={table_file}", "method.model.fallback_k=4",
+                 "trainer.max_epochs=1", "data.num_test_episodes=4"]  # fmt: skip
+    train(compose_train_cfg(tmp_path, data_dir, overrides))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    base_file.unlink()
+
+    _, _, module = load_run(str(ckpt), OmegaConf.create({}))
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    loaded = module.state_dict()
+    assert any(k.startswith("method.learner_base.") for k in stored)
+    assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)

@@ -31,6 +31,7 @@ from fewshotseg.cli import (  # noqa: F401 - summarise re-exported
     write_results,
 )
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.symnet import BASE_LEARNER_IN_STATE_DICT
 
 # Config groups that a checkpoint fixes: choosing them next to ckpt= is an error, not a silent no-op.
 _FIXED_BY_CKPT = ("method", "data", "backbone", "preset", "experiment")
@@ -52,6 +53,8 @@ def load_run(ckpt_path: str, overrides: DictConfig):
     extractor = cfg.method.model.get("prior_extractor")  # QGNet: the checkpoint holds it too
     if extractor is not None and extractor.get("init", "weights") == "weights":
         extractor.init = "random"
+    if cfg.method.model.get("base_learner") is not None:  # Sym-Net: the checkpoint holds it too
+        cfg.method.model.base_learner = BASE_LEARNER_IN_STATE_DICT
     given = {k: v for k, v in (overrides.get("data") or {}).items() if v is not None}
     cfg.data = OmegaConf.merge(cfg.data, given)
     if overrides.get("num_test_episodes"):

@@ -63,6 +63,9 @@ GRAM_LEVEL = 2  # BAM's low_fea
 HYPER_LEVELS = (2, 3, 4)  # TDC (layer1's blocks are extracted but unused by the official code)
 EPS = 1e-7
 BASE_LEARNER_REQUIRED = "REQUIRED"
+# The base learner's weights come with the model's state dict (a Sym-Net run checkpoint that
+# `evaluate ckpt=` / `predict ckpt=` load): build its modules, read no file.
+BASE_LEARNER_IN_STATE_DICT = "in_state_dict"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +257,8 @@ class SymNet(nn.Module):
         base_learner: the fold's base learner checkpoint (`method=pspnet_base`, or BAM's
             `initmodel/PSPNet/<dataset>/split<i>/resnet50/best.pth`): its backbone replaces the
             configured weights and its PPM + classifier are the frozen base learner. null: no base
-            learner (ablation; the configured backbone weights).
+            learner (ablation; the configured backbone weights). `BASE_LEARNER_IN_STATE_DICT`:
+            the same modules, their weights loaded afterwards from a Sym-Net checkpoint.
         shot: K (builds `kshot_rw` for K > 1).
         class_names: the dataset's class names (id order) for the text table and the base classes;
             null: from `data_source(root=data_root)`.
@@ -345,7 +349,8 @@ class SymNet(nn.Module):
             base = pspnet_base.PSPNetBase(
                 lambda levels: self.backbone, num_classes=len(self.base_classes) + 1
             )
-            pspnet_base.load_base_learner(base_learner, base, data=data_name, fold=fold)
+            if base_learner != BASE_LEARNER_IN_STATE_DICT:
+                pspnet_base.load_base_learner(base_learner, base, data=data_name, fold=fold)
             self.learner_base = nn.Sequential(base.ppm, base.cls).requires_grad_(False)  # BAM's names
         if freeze_backbone and not self.backbone.frozen:
             self.backbone.frozen = True
