@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
     from fewshotseg.lit import FewShotSegModule
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The Hydra configs ship inside the package, so an installed wheel finds them as a source checkout does.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _user_error(exc: BaseException) -> UserInputError | None:
