@@ -1,6 +1,6 @@
 """PFENet's Feature Enrichment Module (FEM): the multi-scale decoder of the PFENet family.
 
-Used by PFENet, ASGNet, QGNet, Sym-Net (meta learner) and DPNet (specs/building_blocks.md §5). Per
+Used by PFENet, ASGNet, QGNet, Sym-Net (meta learner) and DPNet (docs/methods/pfenet.md). Per
 bin b, fine to coarse: the feature map is adaptive-average-pooled to b x b, prototype vectors are
 tiled to b x b and 1-channel maps (prior, probability map, ...) bilinearly resized
 (align_corners=True); the concatenation goes through `init_merge` (1x1 -> 256, ReLU), a top-down

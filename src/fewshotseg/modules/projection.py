@@ -1,4 +1,4 @@
-"""PFENet's projection of the mid-level features (specs/building_blocks.md §2)."""
+"""PFENet's projection of the mid-level features (docs/methods/pfenet.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PFENet's training-free prior (specs/building_blocks.md §4), shared by PFENet and QGNet (its
+"""PFENet's training-free prior (docs/methods/pfenet.md), shared by PFENet and QGNet (its
 cross-correspondence map; QGNet's self-correspondence map is the same computation between two
 query maps).
 

