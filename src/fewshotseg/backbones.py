@@ -9,12 +9,12 @@ selects the builder:
 
 - `resnet50_psp`, `resnet101_psp`: the PSPNet "deep-base" ResNet of the PFENet family (ASGNet,
   PFENet, QGNet, ...): timm's `resnet50s`/`resnet101s` (3x3 stem 64-64-128, plain strided
-  shortcut), output stride 8 with PSPNet's dilation (specs/backbones.md §1). Local weights:
+  shortcut), output stride 8 with PSPNet's dilation (docs/contributing.md). Local weights:
   hszhao/semseg's `resnet{50,101}_v2.pth` (PSPNet key names are remapped to timm's); or timm's
   `pretrained=true` download (`resnet50s.gluon_in1k`, a different ImageNet run).
 - `resnet50_dilated`: timm's `resnet50` (standard 7x7 stem, torchvision key names) with the same
   PSPNet dilation: QGNet's prior extractor.
-- `vgg16_panet`: PANet's stride-8 VGG-16 encoder (specs/panet.md §1). Local weights: torchvision's
+- `vgg16_panet`: PANet's stride-8 VGG-16 encoder (docs/methods/panet.md). Local weights: torchvision's
   `vgg16-397923af.pth`; or timm's `vgg16.tv_in1k` download (the same weights).
 - any other timm CNN: `timm.create_model(name, features_only=True)` at output stride 8 where timm
   can dilate it (ResNets, ConvNeXt, ...), else its native strides (VGG, ...); methods resize the
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ PSP_RESNETS = {
 }
 PSP_DILATION = {"layer3": 2, "layer4": 4}
 
-# PSPNet stem names -> timm deep-stem names (backbones.md §7.1); `layer0.i` is the stem as the
+# PSPNet stem names -> timm deep-stem names (docs/contributing.md); `layer0.i` is the stem as the
 # PFENet/ASGNet models wrap it (Sequential conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, ...).
+# PSPNet's own stem names (hszhao/semseg's resnet*_v2.pth) -> timm's deep-stem names (docs/contributing.md
+# §7.1); `layer0.i` is the stem as the PFENet/ASGNet models wrap it (checkpoints.PSP_STEM).
 _PSP_STEM = {
     "conv1": "conv1.0",
     "bn1": "conv1.1",
@@ -61,8 +64,7 @@ _PSP_STEM = {
     "conv3": "conv1.6",
     "bn3": "bn1",
 }
-_PFENET_STEM = {"layer0.0": "conv1.0", "layer0.1": "conv1.1", "layer0.3": "conv1.3", "layer0.4": "conv1.4",
-                "layer0.6": "conv1.6", "layer0.7": "bn1"}  # fmt: skip
+_PFENET_STEM = {f"layer0.{i}": name for i, name in checkpoints.PSP_STEM.items()}
 
 _WEIGHT_HINTS = {
     "resnet50_psp": "resnet50_v2.pth from the PSPNet/PFENet 'initmodel' Google Drive folder (PFENet README)",
@@ -72,31 +74,17 @@ _WEIGHT_HINTS = {
 
 
 def load_weight_file(path: str | Path, hint: str | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from a local .pth/.pt/.bin (weights only, never unpickled code) or .safetensors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        where = hint or "timm's pretrained weights or the PSPNet/PFENet 'initmodel' files"
-        raise ConfigError(
-            f"backbone.weights={path}: file not found: download {where} on a machine with internet "
-            "and set backbone.weights=<path>"
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state"):  # common checkpoint wrappers
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    prefixes = ("module.", "backbone.", "encoder.")
-    out = {}
-    for k, v in state.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
+    """A state dict from a local .pth/.pt/.bin (weights only, never unpickled code) or .safetensors;
+    also this package's own Lightning checkpoints (`method.backbone.body.*`, see checkpoints.py)."""
+    where = hint or "timm's pretrained weights or the PSPNet/PFENet 'initmodel' files"
+    missing = f"file not found: download {where} on a machine with internet and set backbone.weights=<path>"
+    state = checkpoints.read_state_dict(path, "backbone.weights", missing)
+    own = checkpoints.package_backbone_state(state)
+    if own is not None:
+        return own
+    for prefix in ("backbone.", "encoder."):
+        state = checkpoints.strip_prefix(state, prefix)
+    return state
 
 
 # ------------------------------------------------------------------------------------------------

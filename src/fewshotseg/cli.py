@@ -126,40 +126,21 @@ def official_converter(cfg: DictConfig) -> Callable[[dict], dict]:
 
 def read_state_file(path: str | Path, key: str = "weights") -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt/.tar (weights only, never unpickled code) or .safetensors file;
-    unwraps the usual {'state_dict': ...} / {'model': ...} checkpoint wrappers."""
-    import torch
+    unwraps the usual {'state_dict': ...} / {'model': ...} checkpoint wrappers (checkpoints.py)."""
+    from fewshotseg import checkpoints
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise ConfigError(
-            f"{key}={path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{key}={path}: expected a state dict of tensors")
-    return state
+    return checkpoints.unwrap_checked(checkpoints.read(path, key), path, key)
 
 
 def load_official_weights(module: FewShotSegModule, cfg: DictConfig, path: str | Path) -> None:
     """Map the authors' checkpoint onto the method (convert_official_state) and load every tensor:
     a tensor the checkpoint lacks, one it has in excess or one of another shape is a ConfigError."""
     state = official_converter(cfg)(read_state_file(path))
+    from fewshotseg.checkpoints import mismatch
+
     own = module.method.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    missing, unexpected, wrong = mismatch(own, state, ignore_bn_counts=False)
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in wrong]
     for what, keys in (("lacks", missing), ("has unexpected", unexpected), ("has other shapes of", shapes)):
         if keys:
             more = f" ... ({len(keys)} in all)" if len(keys) > 8 else ""

@@ -1,4 +1,4 @@
-"""QGNet stage 1: global-local contrastive pre-training of the prior extractor (qgnet.md §4).
+"""QGNet stage 1: global-local contrastive pre-training of the prior extractor (docs/methods/qgnet.md).
 
 The authors never released this stage; their FSS code loads the MoCo key encoder `encoder_k` of a
 ResNet-50 with the standard stem and PSPNet's dilation (`checkpoint_2000.pth.tar`). This module
@@ -453,13 +453,14 @@ def export_prior_extractor(module: GlobalLocalMoCo, path: str | Path, encoder: s
 def export_from_checkpoint(ckpt_path: str | Path, path: str | Path, encoder: str = "key") -> Path:
     """The export of a pre-training checkpoint (e.g. last.ckpt), without rebuilding the model: the
     `encoder_k.backbone.<net>.*` tensors of its state dict, renamed to the bare backbone names."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
+    from fewshotseg import checkpoints
+
+    if not Path(ckpt_path).is_file():  # before the encoder check, as before
         raise ConfigError(f"export={ckpt_path}: no such checkpoint file")
     if encoder not in ENCODERS:
         raise ConfigError(f"export_encoder={encoder!r}: expected one of {list(ENCODERS)}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    arch = ckpt.get("fewshotseg_pretrain_arch")
+    ckpt = checkpoints.read(ckpt_path, "export", "no such checkpoint file")
+    arch = ckpt.get("fewshotseg_pretrain_arch") if isinstance(ckpt, dict) else None
     if arch is None:
         raise ConfigError(
             f"export={ckpt_path} was not written by fewshotseg.pretrain (no pre-training model)"

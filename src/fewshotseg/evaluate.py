@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fewshotseg import checkpoints
 from fewshotseg.cli import (  # noqa: F401 - summarise re-exported
     CONFIG_DIR,
     build_run,
@@ -40,11 +40,8 @@ _FIXED_BY_CKPT = ("method", "data", "backbone", "preset", "experiment")
 def load_run(ckpt_path: str, overrides: DictConfig):
     """The module (with the checkpoint's weights) and datamodule of a training run. `overrides`:
     data.* keys that replace the stored ones, num_test_episodes, eval_resolution (null: as stored)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={ckpt_path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "fewshotseg_config" not in ckpt:
+    ckpt = checkpoints.read(ckpt_path, "ckpt", "no such checkpoint file")
+    if not isinstance(ckpt, dict) or "fewshotseg_config" not in ckpt:
         raise ConfigError(f"ckpt={ckpt_path} was not written by fewshotseg.train (no stored run config)")
     cfg = OmegaConf.create(ckpt["fewshotseg_config"])
     cfg.choices = cfg.get("choices") or {}  # older checkpoints: never the evaluating app's choices

@@ -93,7 +93,7 @@ class FewShotSegModule(LightningModule):
         """Score the episode. input: the argmax at network input size against the transformed label.
         original: the logits upsampled bilinearly (align_corners=True, as PFENet and HSNet do) to the
         label in `query_mask_orig`; with the PFENet test resize that label is the raw label padded
-        with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (protocol.md 3.2),
+        with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (docs/protocols.md),
         and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
         visible = {k: v for k, v in batch.items() if k != "query_mask"}
         logits, aux = self.method(visible)

@@ -1,4 +1,4 @@
-"""FewShotIoU: the field's class mIoU and FB-IoU, accumulated over episodes (protocol.md §2).
+"""FewShotIoU: the field's class mIoU and FB-IoU, accumulated over episodes (docs/protocols.md).
 
 mIoU: for each class, the intersection and the union of the foreground are summed over all of that
 class's episodes; IoU_c = sum I / sum U; mIoU = mean over the classes that had episodes.

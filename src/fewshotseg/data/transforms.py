@@ -14,7 +14,7 @@ back as a third tensor; the crop/redraw rules look at the mask only.
 
 A transform also says in which frame original-resolution scoring compares (`original_frame`): the
 raw label for a squash resize; the raw label padded with 255 to a square of side max(H, W) for the
-PFENet resize, whose logits are upsampled to that square (protocol.md 3.2).
+PFENet resize, whose logits are upsampled to that square (docs/protocols.md).
 """
 
 from __future__ import annotations

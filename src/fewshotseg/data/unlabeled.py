@@ -3,7 +3,7 @@
 Each item is one training image of the fold seen twice: two MoCo-v2 views (random resized crop,
 colour jitter, grayscale, blur, flip; drawn independently) plus the image's superpixel map carried
 through each view's *geometric* transform (nearest interpolation), so that superpixel id r names
-the same image region in both views (qgnet.md §4).
+the same image region in both views (docs/methods/qgnet.md).
 
 - Images: the data group's source, fold and training split (`data.train_split`). Labels are never
   read: the ids come from the split's list. `exclude_novel_images=true` (the strict variant) reads
@@ -54,7 +54,7 @@ def compute_superpixels(
 ) -> np.ndarray:
     """Superpixel ids of an HxWx3 uint8 image: HxW uint16, dense 0..n-1.
 
-    slic: `skimage.segmentation.slic(n_segments, compactness)` (QGNet's choice, qgnet.md §4);
+    slic: `skimage.segmentation.slic(n_segments, compactness)` (QGNet's choice, docs/methods/qgnet.md);
     felzenszwalb: `felzenszwalb(scale, sigma, min_size)` (the paper's ablation)."""
     from skimage.segmentation import felzenszwalb, slic  # imported in the workers that need it
 
@@ -191,7 +191,7 @@ class UnlabeledDataModule(LightningDataModule):
 
     `root`, `source`, `fold`, `num_folds`, `fold_split` and `split` are the data group's
     (conf/pretrain.yaml interpolates them), so `data=pascal fold=2` picks the same images that
-    `fewshotseg.train` trains on, novel-class objects included (unlabeled; qgnet.md §4 leakage
+    `fewshotseg.train` trains on, novel-class objects included (unlabeled; docs/methods/qgnet.md leakage
     note) unless `exclude_novel_images=true`."""
 
     def __init__(

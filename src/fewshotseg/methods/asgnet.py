@@ -1,6 +1,6 @@
 """ASGNet (Li et al., CVPR 2021): superpixel-guided clustering (SGC) and guided prototype
 allocation (GPA) on PFENet's multi-scale decoder. Follows the official code
-(github.com/Reagan1311/ASGNet at cd898c5; specs/asgnet.md), 1-way, K-shot.
+(github.com/Reagan1311/ASGNet at cd898c5; docs/methods/asgnet.md), 1-way, K-shot.
 
 Per episode:
 1. Query and supports -> frozen backbone -> the mid levels cat(level 3, level 2) = cat(layer3,
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.backbones import fuse_levels
 from fewshotseg.data.episode import Episode
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
@@ -131,7 +132,7 @@ class ASGNet(nn.Module):
 # `{'state_dict': ...}` of a DataParallel model (`module.` prefix). Here the FEM is `fem.*` and the
 # backbone `backbone.body.*` with timm's names.
 _STEMS = {  # official layer0 index -> ours: the PSPNet deep stem, or a plain one (conv1, bn1)
-    "deep": {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"},
+    "deep": checkpoints.PSP_STEM,
     "plain": {"0": "conv1", "1": "bn1"},
 }
 _FEM_OFFICIAL = {"corr_conv": "init_merge", "alpha_conv": "alpha_conv", "beta_conv": "beta_conv",
@@ -151,7 +152,7 @@ def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     tensor kept (the backbone's drifted BatchNorm statistics too). `layer4` is dropped: the official
     model builds it but its forward never runs it (no prior). Keys of other variants (the ASPP
     context module: `ASPP`, `skip1`, ...) raise ConfigError."""
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state = checkpoints.strip_prefix(state_dict)
     stem = _STEMS["deep" if "layer0.6.weight" in state else "plain"]
     out, unmapped = {}, []
     for key, value in state.items():

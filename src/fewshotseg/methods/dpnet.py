@@ -2,11 +2,11 @@
 Semantic Segmentation"), reconstructed. 1-way, K-shot.
 
 No code of the authors exists and only the abstract and a third-party quote of the Fig. 2 caption
-could be found (specs/dpnet.md §1-2). Confirmed: a support prototype P and a pseudo-prototype Pq
+could be found (docs/methods/dpnet.md). Confirmed: a support prototype P and a pseudo-prototype Pq
 from reliable query foreground features selected by a cycle comparison module (CCM); a prototype
 interaction module (PIM) that uses the P-Pq correlation to reinforce both prototypes and the query
 feature; a multi-scale fusion (MSF) of the dense comparison feeding a decoder; an auxiliary branch
-used in training only. Every rule below is this project's proposal (specs/dpnet.md §3-4), built in
+used in training only. Every rule below is this project's proposal (docs/methods/dpnet.md), built in
 the PFENet family, and every choice is a constructor switch (`ccm`, `pim`, `msf`, `aux`):
 
 1. Query and supports -> frozen backbone -> mid features fuse_levels(levels 3, 2) -> `down_query` /
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.backbones import fuse_levels
 from fewshotseg.data.episode import Episode
 from fewshotseg.errors import ConfigError
@@ -55,7 +56,7 @@ HIGH_LEVEL = 4
 
 
 # ------------------------------------------------------------------------------------------------
-# Switches (every reconstructed choice; defaults = specs/dpnet.md §8)
+# Switches (every reconstructed choice; defaults = docs/methods/dpnet.md)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -221,7 +222,7 @@ class PIM(nn.Module):
 
 
 class DPNet(nn.Module):
-    """DPNet, reconstructed (see the module docstring and specs/dpnet.md).
+    """DPNet, reconstructed (see the module docstring and docs/methods/dpnet.md).
 
     Args:
         backbone: partial of `fewshotseg.backbones.Backbone`; called with the levels it needs
@@ -362,10 +363,10 @@ def _check_keys(state: Mapping[str, torch.Tensor], where: str) -> None:
 
 
 def convert_official_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' names -> ours. No official DPNet code or checkpoint exists (specs/dpnet.md §2),
+    """The authors' names -> ours. No official DPNet code or checkpoint exists (docs/methods/dpnet.md),
     so this is the identity on this project's own names (a `module.` prefix is removed); a key
     outside DPNet's modules raises ConfigError. Missing keys are caught by the strict load."""
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state = checkpoints.strip_prefix(state_dict)
     _check_keys(state, "DPNet state dict")
     return state
 

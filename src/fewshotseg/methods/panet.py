@@ -1,5 +1,5 @@
 """PANet (Wang et al., ICCV 2019): prototypes by masked average pooling, cosine matching, and
-prototype alignment regularisation (PAR). Follows the official code (specs/panet.md), 1-way.
+prototype alignment regularisation (PAR). Follows the official code (docs/methods/panet.md), 1-way.
 
 Per episode: foreground and background prototypes from the supports (features bilinearly upsampled
 to the mask size; the foreground prototype is the mean over shots of per-shot prototypes), logits
@@ -86,7 +86,7 @@ class PANet(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 # PANet's sacred snapshots (`torch.save(model.state_dict())` of a DataParallel `FewShotSeg`) hold
-# only the encoder: `module.encoder.backbone.features.{2*block}.{2*conv}.{weight,bias}` (specs/panet.md
+# only the encoder: `module.encoder.backbone.features.{2*block}.{2*conv}.{weight,bias}` (docs/methods/panet.md
 # §1). Here the encoder is `backbone.body`: VGG-16 with torchvision's flat `features.N` indices.
 # Another backbone keeps its own names under `encoder.backbone.` (where PANet's code would hold it).
 _OFFICIAL_ENCODER, _OUR_ENCODER = "encoder.backbone.", "backbone.body."

@@ -1,5 +1,5 @@
 """PFENet (Tian et al., TPAMI 2020): prior-guided feature enrichment. Follows the official code
-(github.com/dvlab-research/PFENet at a505675; specs/building_blocks.md), 1-way, K-shot.
+(github.com/dvlab-research/PFENet at a505675; docs/methods/pfenet.md), 1-way, K-shot.
 
 Per episode:
 1. Query and supports -> frozen backbone. Mid features = cat(level 3, level 2) (ResNet: layer3,
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.backbones import Backbone, fuse_levels
 from fewshotseg.data.episode import Episode
 from fewshotseg.errors import ConfigError
@@ -143,14 +144,14 @@ class PFENet(nn.Module):
 
 # PFENet's stem Sequential `layer0` (conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, pool)
 # -> timm's deep stem (resnet50s / resnet101s); `layer1..4.*` are the same in both.
-PSP_STEM = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
+PSP_STEM = checkpoints.PSP_STEM
 # FEM parts: the official names at the model's top level; here under `fem.`.
 FEM_PARTS = ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
 HEAD_PARTS = ("down_query", "down_supp")
 
 
 def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    return checkpoints.strip_prefix(state)
 
 
 def _raise_unmapped(method: str, unmapped: list[str], direction: str) -> None:

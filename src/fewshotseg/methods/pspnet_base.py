@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg.checkpoints import PSP_STEM, mismatch, read, strip_prefix
 from fewshotseg.errors import ConfigError
 
 # Where the backbone's tensors live in our state dict (the Backbone wraps the timm body).
@@ -123,14 +124,10 @@ class PSPNetBase(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 # BAM's stem: layer0 = Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool).
-_STEM_TO_TIMM = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
+_STEM_TO_TIMM = PSP_STEM
 _TIMM_TO_STEM = {v: k for k, v in _STEM_TO_TIMM.items()}
 _HEAD = re.compile(r"^(ppm\.features\.\d+\.[12]|cls\.[014])\.")
 _LAYER = re.compile(r"^layer[1-4]\.")
-
-
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +137,7 @@ def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     a VGG base learner) raise a ConfigError listing them."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
-    state = _strip_module(state_dict)
+    state = strip_prefix(state_dict)
     named = {}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -221,7 +218,7 @@ def load_base_learner(
             f"base learner {file}: file not found. Train it first with `{command}` (then give its "
             "checkpoints/best-*.ckpt), or point at BAM's initmodel/PSPNet/<dataset>/split<i>/resnet50/best.pth"
         )
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    checkpoint = read(file, "base learner", "file not found")
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"base learner {file}: expected a checkpoint dict, got {type(checkpoint).__name__}")
     trained_fold = (checkpoint.get("fewshotseg_config") or {}).get("fold")
@@ -233,10 +230,7 @@ def load_base_learner(
     state = _our_state(checkpoint)
     if state is None:
         state = convert_official_state(checkpoint)
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in state if k not in own)
-    wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    missing, unexpected, wrong = (sorted(keys) for keys in mismatch(model.state_dict(), state))
     if missing or unexpected or wrong:
         detail = "; ".join(
             f"{what}: {keys[:8]}"

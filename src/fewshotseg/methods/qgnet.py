@@ -1,7 +1,7 @@
 """QGNet (Liu et al., "Few-Shot Segmentation with Global and Local Contrastive Learning", arXiv
 2108.05293): PFENet plus a query-only prior region map from a contrastively pre-trained prior
 extractor. Follows the official FSS stage (github.com/liuweide01/QGNet-Few-shot-segmentation at
-1e77b35, `model/PFENet_QGNet.py`; specs/qgnet.md §2-3), 1-way, K-shot.
+1e77b35, `model/PFENet_QGNet.py`; docs/methods/qgnet.md), 1-way, K-shot.
 
 Per episode, on top of PFENet (methods/pfenet.py):
 1. Self-correspondence -> prior region map (query only, no support): the main backbone's query
@@ -28,10 +28,10 @@ The prior extractor (`prior_extractor` options):
 - `init: random`: `name` with random weights (an ablation).
 - `bn_mode: eval` (default) keeps its BatchNorm statistics fixed. The official code leaves it in
   train mode, so the statistics drift during FSS training: `bn_mode: train` reproduces that. The
-  default is a documented deviation (specs/qgnet.md §3).
+  default is a documented deviation (docs/methods/qgnet.md).
 
 Only the self-correspondence map of the released code is implemented (`prior.mode: self_corr` of
-specs/qgnet.md §5); the "prior bank" reading of the paper is not.
+docs/methods/qgnet.md); the "prior bank" reading of the paper is not.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.backbones import Backbone
 from fewshotseg.errors import ConfigError
 from fewshotseg.methods.pfenet import (
@@ -87,26 +88,11 @@ def load_prior_extractor_state(path: str | Path, encoder: str = "encoder_k") -> 
     the `encoder` is taken, its heads dropped, as the authors' `load_resnet50_param` does), this
     project's pre-training export (`{"state_dict": {"conv1.weight": ...}, "arch": ...}`) or a plain
     torchvision/timm ResNet state dict (.pth or .safetensors)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{_KEY}.weights={path}: file not found: {PRETRAIN_HINT}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        ckpt = load_file(str(path))
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure is the same user error
-            raise ConfigError(
-                f"{_KEY}.weights={path}: not a weights file torch.load can read safely ({err})"
-            ) from err
+    ckpt = checkpoints.read(path, f"{_KEY}.weights", f"file not found: {PRETRAIN_HINT}")
     arch = ckpt.get("arch") if isinstance(ckpt, dict) and isinstance(ckpt.get("arch"), str) else None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(wrapper), dict):
-            ckpt = ckpt[wrapper]
-            break
-    state = _strip_module({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
+    ckpt = checkpoints.unwrap(ckpt, ("state_dict", "model"))
+    state = checkpoints.strip_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
+    state = checkpoints.package_backbone_state(state) or state  # this package's own checkpoints
     if any(k.startswith(("encoder_q.", "encoder_k.")) for k in state):  # MoCo: pick one encoder
         if encoder not in ("encoder_k", "encoder_q"):
             raise ConfigError(f"{_KEY}.encoder={encoder!r}: expected 'encoder_k' (official) or 'encoder_q'")
@@ -173,10 +159,7 @@ class QGNet(PFENet):
 
     def _load_extractor(self, state: dict, arch: str | None, source: str, name: str) -> None:
         """Every tensor of the extractor must come from the file, with its shape (strict)."""
-        own = self.prior_extractor.body.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        extra = [k for k in state if k not in own]
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        missing, extra, wrong = checkpoints.mismatch(self.prior_extractor.body.state_dict(), state)
         if missing or extra or wrong:
             raise ConfigError(
                 f"{_KEY}.weights={source}: does not fit prior extractor {name!r}"

@@ -1,6 +1,6 @@
 """Sym-Net (Li, Sun, Xiao, Qi, Bhanu; arXiv 2407.19306): symmetrical support-query prototypes with
 a self-activation prior, built on BAM. Follows the official code (Sunbaoquan/Sym-Net @ 448f312,
-`model/SymNet.py`; specs/symnet.md), 1-way, K-shot.
+`model/SymNet.py`; docs/methods/symnet.md), 1-way, K-shot.
 
 Per episode:
 1. Query and supports -> the frozen backbone of the fold's **base learner** (BAM stage 1,
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.backbones import BlockFeatures, fuse_levels
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.errors import ConfigError
@@ -156,7 +157,7 @@ def triplet_loss(
     query_bg: torch.Tensor,
     margin: float = 0.5,
 ) -> torch.Tensor:
-    """Sym-Net's co-optimised hard triplet loss (symnet.md §8).
+    """Sym-Net's co-optimised hard triplet loss (docs/methods/symnet.md).
 
     support_proto [B,C] (the omega-aggregated support APA prototype), support_feat [B,K,C,h,w],
     support_mask [B,K,H,W] float (1 = foreground; nearest-resized to h x w); query_proto, query_hard,
@@ -527,7 +528,7 @@ def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     embeddings/*.pkl; give it as method.model.text_table)."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
-    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state = checkpoints.strip_prefix(state_dict)
     out, psp, unmapped = {}, {}, []
     for key, value in state.items():
         if re.match(r"^layer[0-4]\.", key):

@@ -1,4 +1,4 @@
-"""HSNet-style hyper-correlation reduced to one map per layer (Sym-Net's TDC input, symnet.md §5).
+"""HSNet-style hyper-correlation reduced to one map per layer (Sym-Net's TDC input, docs/methods/symnet.md).
 
 For a query map q and a support map s of one layer: per query position i,
 

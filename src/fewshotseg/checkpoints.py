@@ -1,0 +1,114 @@
+"""Checkpoint and weight files, read in one place.
+
+- `read(path, key)`: a .pth/.pt/.tar/.ckpt file with `torch.load(weights_only=True)` (never unpickled
+  code) or a .safetensors file; a missing or unreadable file is one ConfigError line naming `key=path`.
+- `unwrap(obj)`: the state dict inside the usual wrappers (`state_dict`, `model`, ...).
+- `strip_prefix(state, prefix)`: DataParallel's `module.` (or any prefix) removed where present.
+- `package_backbone_state(state)`: a Backbone's tensors in this package's own Lightning checkpoints
+  (`method.backbone.body.*` of FewShotSegModule / SemanticModule, `encoder_k.backbone.body.*` of a
+  pre-training run), or None.
+- `read_state_dict(path, key)`: the four above, checked to be a dict of tensors.
+- `mismatch(own, state)`: the missing / unexpected / wrong-shape keys of a strict load.
+
+Methods keep only their declarative rename tables (e.g. `PSP_STEM`), as timm's checkpoint_filter_fn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fewshotseg.errors import ConfigError
+
+# The PSPNet/PFENet/BAM stem (`layer0` = Sequential conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3,
+# ...) -> timm's deep-stem names (resnet50s/resnet101s). The only copy of this map.
+PSP_STEM = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
+
+WRAPPERS = ("state_dict", "model", "model_state_dict", "state")
+# Where this package's Lightning modules keep a Backbone's timm body (most specific first).
+PACKAGE_BACKBONE_PREFIXES = (
+    "method.backbone.body.",  # FewShotSegModule / SemanticModule (`self.method`), Backbone.body
+    "encoder_k.backbone.body.",  # a pre-training run (GlobalLocalMoCo's key encoder)
+    "encoder_k.backbone.net.",
+)
+
+
+def read(path: str | Path, key: str = "weights", missing: str = "no such file") -> object:
+    """The object stored in `path` (weights only); ConfigError `{key}={path}: ...` if it is absent
+    (`missing` is the rest of that message) or not a checkpoint."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: {missing}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's unpickler errors run to many lines
+        raise ConfigError(
+            f"{key}={path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {first})"
+        ) from e
+
+
+def unwrap(obj: object, wrappers: tuple[str, ...] = WRAPPERS) -> object:
+    """The state dict inside (nested) checkpoint wrappers such as {'state_dict': ...}."""
+    for wrapper in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    return obj
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """`prefix` removed from every key that has it (DataParallel/DDP's `module.` by default)."""
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def package_backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The Backbone tensors of one of this package's Lightning state dicts, by their body names
+    (`conv1.0.weight`, `layer1.0...`), or None when `state` is not one."""
+    for prefix in PACKAGE_BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return None
+
+
+def unwrap_checked(obj: object, path: str | Path, key: str = "weights") -> dict[str, torch.Tensor]:
+    """`unwrap(obj)`, checked to be a dict of tensors (ConfigError naming `key=path` otherwise)."""
+    state = unwrap(obj)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{key}={Path(path).expanduser()}: expected a state dict of tensors")
+    return state
+
+
+def read_state_dict(
+    path: str | Path, key: str = "weights", missing: str = "no such file"
+) -> dict[str, torch.Tensor]:
+    """`read` + `unwrap_checked` + `strip_prefix('module.')`: a state dict of tensors."""
+    return strip_prefix(unwrap_checked(read(path, key, missing), path, key))
+
+
+class Mismatch(NamedTuple):
+    """What a strict load of `state` into a module with state dict `own` would reject."""
+
+    missing: list[str]  # own keys the state lacks
+    unexpected: list[str]  # state keys the module lacks
+    wrong: list[str]  # keys of both with other shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong)
+
+
+def mismatch(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], ignore_bn_counts: bool = True
+) -> Mismatch:
+    """The strict-load report (in `own`'s / `state`'s order); BatchNorm's `num_batches_tracked`
+    counters may be absent from the state when `ignore_bn_counts`."""
+    return Mismatch(
+        [k for k in own if k not in state and not (ignore_bn_counts and k.endswith("num_batches_tracked"))],
+        [k for k in state if k not in own],
+        [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
+    )
