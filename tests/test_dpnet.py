@@ -1,4 +1,4 @@
-"""DPNet (reconstructed, specs/dpnet.md §9): the CCM against a loop reference, its fallbacks and the
+"""DPNet (reconstructed, docs/methods/dpnet.md): the CCM against a loop reference, its fallbacks and the
 cycle check, PIM, shapes and training steps for K in {1, 2}, the training-only auxiliary branch,
 degenerate masks, the switches, weight names, presets and a CLI run. CPU, tiny."""
 
