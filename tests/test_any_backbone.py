@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_train_cfg
 from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.train import train
+from helpers import compose_train_cfg
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml") if p.stem != "all_foreground")
 BACKBONES = ["resnet18", "convnext_atto", "vit_small_patch14_dinov2"]

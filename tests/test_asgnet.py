@@ -15,6 +15,7 @@ from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.asgnet import ASGNet
 from fewshotseg.modules.fem import FEM, bin_size, inner_loss
 from fewshotseg.ops.superpixel import place_seeds, place_seeds_batch, seed_grid_shape
+from helpers import SIZE, episode
 
 # ------------------------------------------------------------------------------------------------
 # FEM
@@ -80,28 +81,6 @@ def tiny_asgnet(**kwargs):
                                  frozen=kwargs.pop("frozen", False))  # fmt: skip
     # avg_sp_area 10: superpixels appear on the 9x9 grid of a 65 px input
     return ASGNet(backbone, bins=[1.0, 0.5, 0.25, 0.125], avg_sp_area=10, **kwargs)
-
-
-SIZE = 65  # (65 - 1) % 8 == 0 -> 9 x 9 features
-
-
-def episode(B=2, K=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(B, K, SIZE, SIZE, dtype=torch.long)
-    for b in range(B):
-        for k in range(K):
-            r, c = torch.randint(0, 20, (2,), generator=g).tolist()
-            h, w = torch.randint(20, 45, (2,), generator=g).tolist()
-            masks[b, k, r : r + h, c : c + w] = 1
-    masks[..., :, -2:] = 255
-    q_mask = torch.zeros(B, SIZE, SIZE, dtype=torch.long)
-    q_mask[:, 10:50, 15:45] = 1
-    return {
-        "query_img": torch.randn(B, 3, SIZE, SIZE, generator=g),
-        "support_imgs": torch.randn(B, K, 3, SIZE, SIZE, generator=g),
-        "support_masks": masks,
-        "query_mask": q_mask,
-    }
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fewshotseg.backbones import Backbone, fuse_levels
 from fewshotseg.errors import ConfigError
-from reference_outputs import REFERENCE_FILE, cases, run
+from helpers.reference_outputs import REFERENCE_FILE, cases, run
 
 
 @pytest.fixture(scope="module")

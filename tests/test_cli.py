@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from fewshotseg.train import train
+from helpers import TINY_OVERRIDES, compose_train_cfg, run_cli
 
 
 def cli_args(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:

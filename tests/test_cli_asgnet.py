@@ -8,16 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.evaluate import load_run
 from fewshotseg.train import train
+from helpers import TINY_OVERRIDES, build_on_meta, compose_config, compose_train_cfg, run_cli
 
 
 def test_method_asgnet_trains_and_its_checkpoint_reloads(tmp_path, data_dir):
@@ -55,25 +51,12 @@ def test_asgnet_on_the_psp_backbone_trains_a_few_steps(tmp_path, data_dir):
     assert drifted == 2 * 2  # 2 steps x (query call + 1 shot call)
 
 
-def build_on_meta(cfg):
-    """The configured model with random weights on the meta device (no weight files, no compute)."""
-    model_cfg = OmegaConf.merge(cfg.method.model, {"backbone": {"weights": None}})
-    with torch.device("meta"):
-        return instantiate(model_cfg)
-
-
-def compose_plain(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 @pytest.mark.parametrize("name,backbone,weights", [
     ("asgnet_pascal_r50", "resnet50_psp", "initmodel/resnet50_v2.pth"),
     ("asgnet_pascal_r101", "resnet101_psp", "initmodel/resnet101_v2.pth"),
 ])  # fmt: skip
 def test_asgnet_pascal_presets(name, backbone, weights):
-    cfg = compose_plain([f"experiment={name}", "shot=5", "fold=3"])
+    cfg = compose_config("train", [f"experiment={name}", "shot=5", "fold=3"])
     assert cfg.backbone.name == backbone and cfg.backbone.weights.endswith(weights)
     assert cfg.backbone.frozen and cfg.backbone.bn_mode == "train"
     assert cfg.data.source._target_.endswith("PascalVOC")
@@ -86,11 +69,11 @@ def test_asgnet_pascal_presets(name, backbone, weights):
     model = build_on_meta(cfg)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 10_423_818
     # a user's backbone override still wins over the preset's
-    assert compose_plain([f"experiment={name}", "backbone=resnet18"]).backbone.name == "resnet18"
+    assert compose_config("train", [f"experiment={name}", "backbone=resnet18"]).backbone.name == "resnet18"
 
 
 def test_panet_preset():
-    cfg = compose_plain(["experiment=panet_pascal"])
+    cfg = compose_config("train", ["experiment=panet_pascal"])
     assert cfg.backbone.name == "vgg16_panet" and not cfg.backbone.frozen
     assert cfg.method.model.level == 4
     assert cfg.method.optimizer.lr == 1e-3 and cfg.method.optimizer.weight_decay == 5e-4
@@ -113,7 +96,7 @@ COCO_CONF = Path(CONFIG_DIR) / "data" / "coco.yaml"
     not COCO_CONF.is_file(), reason="conf/data/coco.yaml is not there yet (COCO support lands separately)"
 )
 def test_asgnet_coco_preset():
-    cfg = compose_plain(["experiment=asgnet_coco_r50", "fold=2"])
+    cfg = compose_config("train", ["experiment=asgnet_coco_r50", "fold=2"])
     assert cfg.backbone.name == "resnet50_psp"
     assert list(cfg.method.model.bins) == [1.0, 0.5, 0.25, 0.125]
     assert cfg.method.optimizer.lr == 0.05 and cfg.data.batch_size == 8
@@ -130,7 +113,7 @@ def test_asgnet_coco_preset():
 )
 def test_method_asgnet_data_coco_fold2(tmp_path):
     """The user's example, `method=asgnet data=coco fold=2`, on a COCO-layout fixture."""
-    sources = pytest.importorskip("test_sources")  # the COCO source tests' fixture writer
+    sources = pytest.importorskip("helpers.sources")  # the COCO source tests' fixture writer
     root = tmp_path / "COCO2014"
     sources.make_coco(root)
     overrides = [
@@ -138,13 +121,7 @@ def test_method_asgnet_data_coco_fold2(tmp_path):
         "data.protocols.pfenet.size=57", "data.test_batch_size=4", "~callbacks.progress_bar",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
     ]  # fmt: skip
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg.hydra
+    cfg = compose_config("train", overrides, output_dir=tmp_path)
     assert cfg.data.fold_split == "interleaved" and cfg.data.protocol == "pfenet"
     # The paper's setting comes with the method and dataset alone (conf/preset/asgnet_coco.yaml).
     assert cfg.backbone.name == "resnet50_psp" and cfg.backbone.frozen and cfg.backbone.bn_mode == "train"

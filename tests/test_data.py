@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SMALL
 from fewshotseg.data.datamodule import FewShotDataModule, binarise
 from fewshotseg.data.folds import base_classes, fold_classes
 from fewshotseg.data.index import load_class_index
@@ -13,6 +12,7 @@ from fewshotseg.data.sources.pascal import VOCLayoutSource
 from fewshotseg.data.sources.synthetic import SyntheticSource
 from fewshotseg.data.transforms import resize_transform, train_transform
 from fewshotseg.errors import ConfigError, DataError
+from helpers import SMALL
 
 
 def make_dm(root, fold=0, shot=1, num_workers=0, **kwargs):

@@ -9,14 +9,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conftest import compose_train_cfg
 from fewshotseg.backbones import Backbone
-from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.errors import ConfigError
 from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.dpnet import (
@@ -31,6 +25,7 @@ from fewshotseg.methods.dpnet import (
     to_official_state,
 )
 from fewshotseg.train import train
+from helpers import SIZE, build_on_meta, compose_config, compose_train_cfg, episode
 
 # ------------------------------------------------------------------------------------------------
 # CCM
@@ -169,31 +164,10 @@ def test_pim_leaves_orthogonal_prototypes_unchanged():
 # DPNet
 # ------------------------------------------------------------------------------------------------
 
-SIZE = 65  # 9 x 9 features at output stride 8
-
 
 def tiny_dpnet(bn_mode="eval", frozen=False, **kwargs):
     backbone = functools.partial(Backbone, name="resnet18", bn_mode=bn_mode, frozen=frozen)
     return DPNet(backbone, bins=[1.0, 0.5, 0.25, 0.125], **kwargs)
-
-
-def episode(B=2, K=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(B, K, SIZE, SIZE, dtype=torch.long)
-    for b in range(B):
-        for k in range(K):
-            r, c = torch.randint(0, 20, (2,), generator=g).tolist()
-            h, w = torch.randint(20, 45, (2,), generator=g).tolist()
-            masks[b, k, r : r + h, c : c + w] = 1
-    masks[..., :, -2:] = 255
-    q_mask = torch.zeros(B, SIZE, SIZE, dtype=torch.long)
-    q_mask[:, 10:50, 15:45] = 1
-    return {
-        "query_img": torch.randn(B, 3, SIZE, SIZE, generator=g),
-        "support_imgs": torch.randn(B, K, 3, SIZE, SIZE, generator=g),
-        "support_masks": masks,
-        "query_mask": q_mask,
-    }
 
 
 def loss_of(logits, aux, batch):
@@ -381,20 +355,8 @@ def test_weight_names_are_our_own():
 # ------------------------------------------------------------------------------------------------
 
 
-def compose_plain(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-def build_on_meta(cfg):
-    model_cfg = OmegaConf.merge(cfg.method.model, {"backbone": {"weights": None}})
-    with torch.device("meta"):
-        return instantiate(model_cfg)
-
-
 def test_pascal_experiment_and_switches_from_the_command_line():
-    cfg = compose_plain(["experiment=dpnet_pascal_r50", "shot=5", "fold=1", "method.model.ccm.k_min=4",
+    cfg = compose_config("train", ["experiment=dpnet_pascal_r50", "shot=5", "fold=1", "method.model.ccm.k_min=4",
                          "method.model.ccm.use_backward_check=false", "method.model.pim.enabled=false"])  # fmt: skip
     assert cfg.backbone.name == "resnet50_psp" and cfg.backbone.frozen and cfg.backbone.bn_mode == "train"
     assert cfg.data.protocol == "pfenet" and cfg.data.batch_size == 4 and cfg.trainer.max_epochs == 200
@@ -403,22 +365,25 @@ def test_pascal_experiment_and_switches_from_the_command_line():
     model = build_on_meta(cfg)
     assert model.ccm_cfg == CCMConfig(k_min=4, use_backward_check=False) and model.pim is None
     assert model.fem.bins == (60, 30, 15, 8) and model.down_query[0].in_channels == 1536
-    assert compose_plain(["experiment=dpnet_pascal_r50", "backbone=resnet18"]).backbone.name == "resnet18"
+    assert (
+        compose_config("train", ["experiment=dpnet_pascal_r50", "backbone=resnet18"]).backbone.name
+        == "resnet18"
+    )
 
 
 def test_coco_experiment_and_the_automatic_presets():
-    cfg = compose_plain(["experiment=dpnet_coco_r50"])
+    cfg = compose_config("train", ["experiment=dpnet_coco_r50"])
     assert cfg.method.optimizer.lr == 0.05 and cfg.data.batch_size == 8 and cfg.trainer.max_epochs == 50
     assert list(cfg.method.model.bins) == [1.0, 0.5, 0.25, 0.125] and cfg.data.fold_split == "interleaved"
     assert cfg.data.protocols.pfenet.size == 641
-    pascal = compose_plain(["method=dpnet", "data=pascal"])  # conf/preset/dpnet_pascal.yaml
+    pascal = compose_config("train", ["method=dpnet", "data=pascal"])  # conf/preset/dpnet_pascal.yaml
     assert (
         list(pascal.method.model.bins) == [60, 30, 15, 8]
         and pascal.seed == 321
         and pascal.data.batch_size == 4
     )
-    assert compose_plain(["method=dpnet", "data=coco"]).method.optimizer.lr == 0.05
-    synthetic = compose_plain(["method=dpnet", "backbone=resnet18"])
+    assert compose_config("train", ["method=dpnet", "data=coco"]).method.optimizer.lr == 0.05
+    synthetic = compose_config("train", ["method=dpnet", "backbone=resnet18"])
     assert (
         list(synthetic.method.model.bins) == [1.0, 0.5, 0.25, 0.125] and synthetic.backbone.name == "resnet18"
     )

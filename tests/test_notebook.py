@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from tiny_run import best_checkpoint, tiny_trained_run
+from helpers.tiny_run import best_checkpoint, tiny_trained_run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 

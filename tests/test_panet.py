@@ -8,6 +8,7 @@ from fewshotseg.backbones import Backbone
 from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.panet import PANet
 from fewshotseg.ops.prototypes import cosine_logits, masked_average_pool
+from helpers import episode as shared_episode
 
 
 def naive_map(feat, mask, eps=1e-5):
@@ -39,19 +40,12 @@ def tiny_panet(**kwargs):
 
 
 def episode(B=2, K=1, size=33, empty_support=False):
-    g = torch.Generator().manual_seed(1)
-    masks = torch.zeros(B, K, size, size, dtype=torch.long)
-    if not empty_support:
-        masks[..., 8:20, 8:20] = 1
-    masks[..., 0, :] = 255
-    q_mask = torch.zeros(B, size, size, dtype=torch.long)
-    q_mask[:, 10:25, 5:15] = 1
-    return {
-        "query_img": torch.randn(B, 3, size, size, generator=g),
-        "support_imgs": torch.randn(B, K, 3, size, size, generator=g),
-        "support_masks": masks,
-        "query_mask": q_mask,
-    }
+    """Fixed regions, seed 1; the support's first row is ignored (255), even when it is empty."""
+    box = [] if empty_support else [((slice(8, 20), slice(8, 20)), 1)]
+    return shared_episode(
+        B, K, size, seed=1, random_boxes=False,
+        support=[*box, ((0, slice(None)), 255)], query=(slice(10, 25), slice(5, 15)),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("K", [1, 3])

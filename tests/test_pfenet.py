@@ -10,14 +10,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conftest import compose_train_cfg
 from fewshotseg.backbones import Backbone
-from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.errors import ConfigError
 from fewshotseg.lit import segmentation_loss
 from fewshotseg.methods.pfenet import PFENet, convert_official_state, to_official_state
@@ -25,6 +19,7 @@ from fewshotseg.modules.projection import mid_projection
 from fewshotseg.ops.prior import max_cosine_map, training_free_prior
 from fewshotseg.ops.prototypes import masked_average_pool, weighted_gap
 from fewshotseg.train import train
+from helpers import SHORT, SIZE, build_on_meta, compose_config, compose_train_cfg, episode, tiny_backbone
 
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -111,34 +106,9 @@ def test_mid_projection_is_pfenets_down_query():
 # PFENet
 # ------------------------------------------------------------------------------------------------
 
-SIZE = 65  # (65 - 1) % 8 == 0 -> 9 x 9 features at output stride 8
-
-
-def tiny_backbone(bn_mode="eval", frozen=True):
-    return functools.partial(Backbone, name="resnet18", bn_mode=bn_mode, frozen=frozen)
-
 
 def tiny_pfenet(bn_mode="eval", **kwargs):
     return PFENet(tiny_backbone(bn_mode), bins=[1.0, 0.5, 0.25, 0.125], reduce_dim=32, **kwargs)
-
-
-def episode(B=2, K=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(B, K, SIZE, SIZE, dtype=torch.long)
-    for b in range(B):
-        for k in range(K):
-            r, c = torch.randint(0, 20, (2,), generator=g).tolist()
-            h, w = torch.randint(20, 45, (2,), generator=g).tolist()
-            masks[b, k, r : r + h, c : c + w] = 1
-    masks[..., :, -2:] = 255
-    q_mask = torch.zeros(B, SIZE, SIZE, dtype=torch.long)
-    q_mask[:, 10:50, 15:45] = 1
-    return {
-        "query_img": torch.randn(B, 3, SIZE, SIZE, generator=g),
-        "support_imgs": torch.randn(B, K, 3, SIZE, SIZE, generator=g),
-        "support_masks": masks,
-        "query_mask": q_mask,
-    }
 
 
 def official_style_forward(model, batch):
@@ -302,27 +272,6 @@ def test_convert_names_missing_and_unmapped_keys():
 # Configs and the command line
 # ------------------------------------------------------------------------------------------------
 
-SHORT = [
-    "test=true",
-    "data.num_test_episodes=4",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "+trainer.num_sanity_val_steps=0",
-]
-
-
-def compose_plain(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-def build_on_meta(cfg, **model_overrides):
-    """The configured model with random weights on the meta device (no weight files, no compute)."""
-    model_cfg = OmegaConf.merge(cfg.method.model, {"backbone": {"weights": None}}, model_overrides)
-    with torch.device("meta"):
-        return instantiate(model_cfg)
-
 
 def test_method_pfenet_trains_and_tests_from_the_config(tmp_path, data_dir):
     results = train(compose_train_cfg(tmp_path, data_dir, ["method=pfenet", "backbone=resnet18", *SHORT]))
@@ -337,7 +286,7 @@ def test_method_pfenet_trains_and_tests_from_the_config(tmp_path, data_dir):
     ("pfenet_pascal_r101", "resnet101_psp", "initmodel/resnet101_v2.pth"),
 ])  # fmt: skip
 def test_pfenet_pascal_presets(name, backbone, weights):
-    cfg = compose_plain([f"experiment={name}", "shot=5", "fold=3"])
+    cfg = compose_config("train", [f"experiment={name}", "shot=5", "fold=3"])
     assert cfg.backbone.name == backbone and cfg.backbone.weights.endswith(weights)
     assert cfg.backbone.frozen and cfg.backbone.bn_mode == "train" and cfg.seed == 321
     assert cfg.data.source._target_.endswith("PascalVOC") and cfg.data.protocol == "pfenet"
@@ -355,7 +304,7 @@ def test_pfenet_pascal_presets(name, backbone, weights):
     "name,backbone", [("pfenet_coco_r101", "resnet101_psp"), ("pfenet_coco_r50", "resnet50_psp")]
 )
 def test_pfenet_coco_presets(name, backbone):
-    cfg = compose_plain([f"experiment={name}"])
+    cfg = compose_config("train", [f"experiment={name}"])
     assert cfg.backbone.name == backbone and cfg.data.fold_split == "interleaved"
     assert list(cfg.method.model.bins) == [1.0, 0.5, 0.25, 0.125]
     assert cfg.method.optimizer.lr == 0.2 and cfg.data.batch_size == 32  # base_lr 0.02 x 10 at batch 32
@@ -364,7 +313,10 @@ def test_pfenet_coco_presets(name, backbone):
 
 
 def test_method_and_data_alone_take_the_paper_setting():
-    cfg = compose_plain(["method=pfenet", "data=pascal"])
+    cfg = compose_config("train", ["method=pfenet", "data=pascal"])
     assert list(cfg.method.model.bins) == [60, 30, 15, 8] and cfg.data.num_test_episodes == 5000
     assert cfg.backbone.name == "resnet50_psp" and cfg.seed == 321
-    assert compose_plain(["method=pfenet", "data=pascal", "backbone=resnet18"]).backbone.name == "resnet18"
+    assert (
+        compose_config("train", ["method=pfenet", "data=pascal", "backbone=resnet18"]).backbone.name
+        == "resnet18"
+    )

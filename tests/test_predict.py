@@ -12,12 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_cli
 from fewshotseg.data.episode import collate_episodes
 from fewshotseg.errors import UserInputError
 from fewshotseg.evaluate import load_run
 from fewshotseg.predict import predict
-from tiny_run import best_checkpoint, compose_tool, tiny_trained_run
+from helpers import run_cli
+from helpers.tiny_run import best_checkpoint, compose_tool, tiny_trained_run
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from conftest import SMALL, run_cli
 from fewshotseg.backbones import Backbone
-from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.contrastive import (
     GlobalLocalMoCo,
     concat_all_gather,
@@ -42,6 +36,7 @@ from fewshotseg.data.sources.synthetic import SyntheticSource
 from fewshotseg.data.unlabeled import SuperpixelCache, UnlabeledDataModule, ViewTransform, compute_superpixels
 from fewshotseg.errors import ConfigError
 from fewshotseg.pretrain import pretrain
+from helpers import SMALL, compose_config, run_cli
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -68,21 +63,11 @@ PRETRAIN_TINY = [
 
 def compose_pretrain_cfg(tmp_path: Path, data_dir: Path, overrides: list[str] = ()):
     """The pretrain config as the CLI builds it, outputs under tmp_path (see conftest.compose_train_cfg)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="pretrain",
-            overrides=[*PRETRAIN_TINY, f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}", *overrides],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg.hydra
-    return cfg
+    return compose_config(
+        "pretrain",
+        [*PRETRAIN_TINY, f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}", *overrides],
+        output_dir=tmp_path,
+    )
 
 
 def tiny_datamodule(root: Path, **kwargs) -> UnlabeledDataModule:
@@ -333,12 +318,10 @@ def test_the_export_has_no_heads_and_loads_into_a_resnet50_dilated_backbone(tmp_
 
     if importlib.util.find_spec("fewshotseg.methods.qgnet") is None:
         return
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "method=qgnet", "backbone=resnet18", "method.model.prior_extractor.init=weights",
-            f"method.model.prior_extractor.weights={path}",
-        ])  # fmt: skip
+    cfg = compose_config("train", [
+        "method=qgnet", "backbone=resnet18", "method.model.prior_extractor.init=weights",
+        f"method.model.prior_extractor.weights={path}",
+    ])  # fmt: skip
     qgnet = instantiate(cfg.method.model)
     loaded = qgnet.prior_extractor.body.state_dict()
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -8,12 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch import nn
 
-from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.data.datamodule import FewShotDataModule, resolve_protocol
 from fewshotseg.data.transforms import (
     IMAGENET_MEAN,
@@ -28,7 +25,8 @@ from fewshotseg.data.transforms import (
 from fewshotseg.errors import ConfigError
 from fewshotseg.lit import FewShotSegModule
 from fewshotseg.metrics import FewShotIoU
-from test_sources import FSS_SPLITS, make_coco, make_fss, make_voc
+from helpers import compose_config
+from helpers.sources import FSS_SPLITS, make_coco, make_fss, make_voc
 
 
 def test_pfenet_resized_shape():
@@ -168,12 +166,9 @@ def roots(tmp_path_factory):
 
 
 def compose_data(data: str, root, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[f"data={data}", f"data.root={root}", "paths.data_dir=/unused", *overrides]
-        )
-    return cfg
+    return compose_config(
+        "train", [f"data={data}", f"data.root={root}", "paths.data_dir=/unused", *overrides]
+    )
 
 
 EXPECTED = {  # (data, protocol): test transform, size, episodes, order, min_area, eval resolution, train transform
@@ -230,18 +225,14 @@ def test_fss_fold_must_be_zero(roots):
 
 
 def test_synthetic_default_keeps_its_own_settings(tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}"])
-        hsnet = compose("train", overrides=[f"paths.data_dir={tmp_path}", "protocol=hsnet"])
+    cfg = compose_config("train", [f"paths.data_dir={tmp_path}"])
+    hsnet = compose_config("train", [f"paths.data_dir={tmp_path}", "protocol=hsnet"])
     assert cfg.data.protocol is None and cfg.eval_resolution is None
     assert cfg.data.test_transform.size == 113 and cfg.data.train_transform.crop_size == 113
     assert hsnet.data.protocol == "hsnet" and hsnet.data.test_transform.size == 113
 
 
 def test_evaluate_config_accepts_a_protocol():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=["ckpt=x.ckpt", "protocol=hsnet"])
-        plain = compose("evaluate", overrides=["ckpt=x.ckpt"])
+    cfg = compose_config("evaluate", ["ckpt=x.ckpt", "protocol=hsnet"])
+    plain = compose_config("evaluate", ["ckpt=x.ckpt"])
     assert cfg.data.protocol == "hsnet" and plain.data.protocol is None

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, TINY_OVERRIDES, run_cli
 from fewshotseg.backbones import Backbone
 from fewshotseg.data.datamodule import FewShotDataModule
 from fewshotseg.data.sources.base import base_labels
@@ -25,6 +24,7 @@ from fewshotseg.methods.pspnet_base import (
     to_official_state,
 )
 from fewshotseg.metrics import SemanticIoU
+from helpers import SMALL, TINY_OVERRIDES, compose_config, run_cli
 
 
 def bam_base_label(label: np.ndarray, sub_list: list[int], num_classes: int) -> np.ndarray:
@@ -265,18 +265,6 @@ def test_cli_trains_the_base_stage_and_its_checkpoint_loads(tmp_path, data_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fewshotseg.cli import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
 @pytest.mark.parametrize(
     ("overrides", "backbone_lr", "epochs", "fold_split"),
     [
@@ -287,7 +275,7 @@ def compose(overrides):
     ],
 )
 def test_bam_presets(overrides, backbone_lr, epochs, fold_split):
-    cfg = compose(overrides)
+    cfg = compose_config("train", overrides)
     assert cfg.data.task == "semantic" and cfg.method.task == "semantic"
     assert cfg.backbone.name == "resnet50_psp" and cfg.method.model.backbone_frozen is False
     assert cfg.data.train_transform.crop_size == 417 and list(cfg.data.train_transform.scale) == [0.5, 2.0]

@@ -11,7 +11,6 @@ import timm
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_train_cfg
 from fewshotseg.backbones import Backbone
 from fewshotseg.cli import _user_error
 from fewshotseg.errors import ConfigError
@@ -24,7 +23,7 @@ from fewshotseg.methods.qgnet import (
 )
 from fewshotseg.ops.prior import max_cosine_map
 from fewshotseg.train import train
-from test_pfenet import SHORT, SIZE, build_on_meta, compose_plain, episode, tiny_backbone
+from helpers import SHORT, SIZE, build_on_meta, compose_config, compose_train_cfg, episode, tiny_backbone
 
 
 def tiny_qgnet(prior_extractor=None, bn_mode="eval", **kwargs):
@@ -258,7 +257,7 @@ def test_method_qgnet_loads_a_pretrain_export_from_the_config(tmp_path, data_dir
 
 
 def test_qgnet_presets():
-    cfg = compose_plain(["experiment=qgnet_pascal_r50", "fold=1"])
+    cfg = compose_config("train", ["experiment=qgnet_pascal_r50", "fold=1"])
     assert cfg.backbone.name == "resnet50_psp" and cfg.backbone.frozen and cfg.backbone.bn_mode == "train"
     pe = cfg.method.model.prior_extractor
     assert (
@@ -274,11 +273,11 @@ def test_qgnet_presets():
     assert isinstance(_user_error(err.value), ConfigError)  # what the CLI prints as one line
     model = build_on_meta(cfg, prior_extractor={"init": "random"})
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 20_255_242
-    coco = compose_plain(["experiment=qgnet_coco_r50"])
+    coco = compose_config("train", ["experiment=qgnet_coco_r50"])
     assert (
         coco.method.optimizer.lr == 0.2
         and coco.data.batch_size == 32
         and coco.data.num_test_episodes == 20000
     )
     assert list(coco.method.model.bins) == [1.0, 0.5, 0.25, 0.125] and coco.data.fold_split == "interleaved"
-    assert compose_plain(["method=qgnet", "data=pascal"]).data.num_test_episodes == 5000
+    assert compose_config("train", ["method=qgnet", "data=pascal"]).data.num_test_episodes == 5000

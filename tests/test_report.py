@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import TINY_OVERRIDES, run_cli
 from fewshotseg.errors import ConfigError
 from fewshotseg.report import report
+from helpers import TINY_OVERRIDES, run_cli
 
 
 @pytest.fixture(scope="module")

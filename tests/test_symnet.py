@@ -29,6 +29,7 @@ from fewshotseg.methods.symnet import (
     triplet_loss,
 )
 from fewshotseg.ops.correlation import hyper_correlation
+from helpers import episode as shared_episode
 
 BASE = list(range(6, 21))  # PASCAL fold 0
 
@@ -70,21 +71,14 @@ def make_model(table_file, base_learner=None, shot=1, **kw) -> SymNet:
 
 
 def episode(B=2, K=1, size=65, seed=0, empty=False):
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(B, K, size, size, dtype=torch.long)
-    if not empty:
-        masks[..., 20:45, 15:50] = 1
-        masks[..., 18:20, 15:50] = 255
-    query_mask = torch.zeros(B, size, size, dtype=torch.long)
-    query_mask[:, 10:40, 20:60] = 1
-    return {
-        "query_img": torch.randn(B, 3, size, size, generator=g),
-        "support_imgs": torch.randn(B, K, 3, size, size, generator=g),
-        "support_masks": masks,
-        "query_mask": query_mask,
-        "query_base_label": torch.randint(0, len(BASE) + 1, (B, size, size), generator=g),
-        "class_id": torch.tensor([7, 13, 6, 20][:B]),
-    }
+    """Fixed regions (a 255 band above the support box), a random base-class label, class ids."""
+    support = [] if empty else [((slice(20, 45), slice(15, 50)), 1), ((slice(18, 20), slice(15, 50)), 255)]
+    batch = shared_episode(
+        B, K, size, seed, random_boxes=False, support=support, query=(slice(10, 40), slice(20, 60)),
+        base_classes=len(BASE),
+    )  # fmt: skip
+    batch["class_id"] = torch.tensor([7, 13, 6, 20][:B])
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,8 +398,8 @@ def test_official_key_maps_round_trip_and_trainable_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_cli_trains_the_ablation_on_synthetic_data(tmp_path, data_dir, table_file):
-    from conftest import compose_train_cfg
     from fewshotseg.train import train
+    from helpers import compose_train_cfg
 
     cfg = compose_train_cfg(
         tmp_path,
@@ -444,9 +438,9 @@ def test_a_run_checkpoint_evaluates_without_the_base_learner_file(tmp_path, data
 
     from omegaconf import OmegaConf
 
-    from conftest import compose_train_cfg
     from fewshotseg.evaluate import load_run
     from fewshotseg.train import train
+    from helpers import compose_train_cfg
 
     base_file = tmp_path / "base.ckpt"
     shutil.copy(base_ckpt[0], base_file)

@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_OVERRIDES, compose_train_cfg, run_cli
 from fewshotseg.cli import CONFIG_DIR, build_run, is_semantic, load_official_weights, method_module
 from fewshotseg.errors import ConfigError
 from fewshotseg.evaluate import evaluate
-from tiny_run import best_checkpoint, compose_tool, tiny_trained_run
+from helpers import TINY_OVERRIDES, compose_train_cfg, run_cli
+from helpers.tiny_run import best_checkpoint, compose_tool, tiny_trained_run
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml") if p.stem != "all_foreground")
 # (method, backbone): each method on its configured backbone (the paper's, e.g. resnet50_psp), and

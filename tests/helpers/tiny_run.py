@@ -7,13 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from conftest import compose_train_cfg
-from fewshotseg.cli import CONFIG_DIR
+from helpers.configs import compose_config, compose_train_cfg
 
 _RUNS: dict[Path, Path] = {}
 
@@ -37,14 +32,4 @@ def best_checkpoint(run: Path) -> Path:
 def compose_tool(config_name: str, overrides: list[str], out: Path):
     """A tool's config as its CLI composes it (the Hydra runtime config set, as under @hydra.main,
     so that the tool sees the command-line overrides)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg.hydra
-    return cfg
+    return compose_config(config_name, overrides, output_dir=out)

@@ -1,5 +1,5 @@
 """Reference outputs of PANet and ASGNet on the paper backbones (and PANet on ResNet-18), written
-once by `python tests/reference_outputs.py` with the code *before* the backbone-level refactor
+once by `python tests/reference_outputs.py` (now `python -m helpers.reference_outputs` run in tests/) with the code *before* the backbone-level refactor
 (issue 7; the code of commit c8da91d, with layer names instead of levels) into `tests/data/reference_outputs.pt`;
 `test_backbone_levels.py` checks that the current code gives the same numbers. Do not regenerate
 it to make a test pass: it is the proof that the refactor changed nothing. Weights are filled per parameter name from a name-seeded
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from fewshotseg.backbones import Backbone
+from helpers.episodes import episode as shared_episode
 
-REFERENCE_FILE = Path(__file__).parent / "data" / "reference_outputs.pt"
+REFERENCE_FILE = Path(__file__).parents[1] / "data" / "reference_outputs.pt"
 
 
 def fill_by_name(model: torch.nn.Module) -> None:
@@ -37,18 +38,13 @@ def fill_by_name(model: torch.nn.Module) -> None:
 
 
 def episode(size: int, shots: int, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(batch, shots, size, size, dtype=torch.long)
-    masks[..., size // 4 : 3 * size // 4, size // 5 : 4 * size // 5] = 1
-    masks[..., :3, :] = 255
-    q_mask = torch.zeros(batch, size, size, dtype=torch.long)
-    q_mask[:, size // 3 :, size // 3 :] = 1
-    return {
-        "query_img": torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64),
-        "support_imgs": torch.randn(batch, shots, 3, size, size, generator=g, dtype=torch.float64),
-        "support_masks": masks,
-        "query_mask": q_mask,
-    }
+    """The reference episode: float64 images, fixed support and query regions scaled with `size`."""
+    return shared_episode(
+        batch, shots, size, seed, random_boxes=False, dtype=torch.float64,
+        support=[((slice(size // 4, 3 * size // 4), slice(size // 5, 4 * size // 5)), 1),
+                 ((slice(None, 3), slice(None)), 255)],
+        query=(slice(size // 3, None), slice(size // 3, None)),
+    )  # fmt: skip
 
 
 def cases():
