@@ -14,7 +14,13 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["fewshotseg-train", "fewshotseg-evaluate", "fewshotseg-predict", "fewshotseg-report", "fewshotseg-pretrain"]
+SCRIPTS = [
+    "fewshotseg-train",
+    "fewshotseg-evaluate",
+    "fewshotseg-predict",
+    "fewshotseg-report",
+    "fewshotseg-pretrain",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,17 @@ def installed(tmp_path_factory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "fewshotseg/conf/train.yaml" in names and "fewshotseg/conf/method/panet.yaml" in names
     target = work / "site"
-    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--target",
+        str(target),
+        str(wheel),
+    ]
     subprocess.run(install, check=True, capture_output=True, timeout=600)
     return target
 
@@ -42,7 +58,9 @@ def run_installed(target: Path, args: list[str], cwd: Path) -> subprocess.Comple
 def test_the_wheel_ships_configs_and_console_scripts(installed, tmp_path):
     for script in SCRIPTS:
         assert (installed / "bin" / script).is_file(), script
-    proc = run_installed(installed, [sys.executable, "-c", "import fewshotseg; print(fewshotseg.__file__)"], tmp_path)
+    proc = run_installed(
+        installed, [sys.executable, "-c", "import fewshotseg; print(fewshotseg.__file__)"], tmp_path
+    )
     assert proc.stdout.strip().startswith(str(installed)), proc.stdout  # not the source checkout
     proc = run_installed(installed, [str(installed / "bin" / "fewshotseg-train"), "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

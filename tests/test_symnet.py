@@ -18,6 +18,7 @@ import fewshotseg.ops.text as text_ops
 from fewshotseg.backbones import Backbone, BlockFeatures
 from fewshotseg.data.sources.pascal import VOC_CLASSES
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import ExtraLogits
 from fewshotseg.methods.pspnet_base import PSPNetBase
 from fewshotseg.methods.symnet import (
     APA,
@@ -322,7 +323,8 @@ def test_shapes_losses_and_eval_outputs(table_file, base_ckpt, K):
     model.eval()
     with torch.no_grad():
         logits, aux = model({k: v for k, v in batch.items() if k != "query_mask"})
-    assert set(aux) == {"logits/meta"} and aux["logits/meta"].shape == logits.shape
+    assert isinstance(aux, ExtraLogits)  # the meta learner alone, scored as meta_miou
+    assert set(aux.logits) == {"meta"} and aux.logits["meta"].shape == logits.shape
 
 
 def test_base_learner_checkpoint_is_the_backbone_and_the_base_head(table_file, base_ckpt):
@@ -419,11 +421,12 @@ def test_cli_trains_the_ablation_on_synthetic_data(tmp_path, data_dir, table_fil
     assert 0 <= results["miou"] <= 1 and 0 <= results["meta_miou"] <= 1  # final and meta-only
 
     # without a base learner (and without the ablation switch) the error names the command
-    from fewshotseg.cli import _user_error, build
+    from fewshotseg.cli import _user_error
+    from fewshotseg.runs import build_run
 
     cfg = compose_train_cfg(tmp_path / "b", data_dir, ["method=symnet", "backbone=resnet18"])
     with pytest.raises(Exception) as info:
-        build(cfg)
+        build_run(cfg)
     err = _user_error(info.value)
     assert err is not None and "python -m fewshotseg.train method=pspnet_base data=synthetic fold=0" in str(
         err

@@ -1,8 +1,9 @@
 """The authors' checkpoints and the run outputs the tools rely on.
 
-- Every method (discovered from conf/method/*.yaml): its state dict renamed to the authors' names
-  (`to_official_state`) and back (`convert_official_state`, with DataParallel's `module.` prefix)
-  loads with no missing key and gives identical logits.
+- Every method (discovered from conf/method/*.yaml), asked through its contract (methods/base.py):
+  with a rename table, its state dict renamed to the authors' names and back (with DataParallel's
+  `module.` prefix) loads with no missing key and gives identical logits; without one, `weights=` is
+  a one-line error.
 - `evaluate ... weights=<released file>` gives exactly the numbers of our own checkpoint; keys
   that do not map are a one-line error listing them.
 - `train` writes results.json (the format of `evaluate`) and the per-class IoU CSV.
@@ -12,57 +13,34 @@ from __future__ import annotations
 
 import csv
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fewshotseg.cli import CONFIG_DIR, build_run, is_semantic, load_official_weights, method_module
+from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.errors import ConfigError
 from fewshotseg.evaluate import evaluate
+from fewshotseg.methods.base import method_class, without_stage_files
+from fewshotseg.runs import build_run, load_official_weights, official_state
 from helpers import TINY_OVERRIDES, compose_train_cfg, run_cli
 from helpers.tiny_run import best_checkpoint, compose_tool, tiny_trained_run
 
-METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml") if p.stem != "all_foreground")
+METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 # (method, backbone): each method on its configured backbone (the paper's, e.g. resnet50_psp), and
 # PANet's released VGG-16 as well.
 CASES = [(m, None) for m in METHODS] + [("panet", "vgg16_panet")]
 SIZE = 65  # -> 9x9 features at output stride 8
 
 
-def official_layout(method: str, tmp_path: Path, data_dir: Path) -> list[str]:
-    """Settings (and stand-in files) that give a method the layout of the authors' checkpoints
-    without downloads: QGNet's releases hold the prior extractor (`layer*_unsuper`, which the
-    synthetic preset's supervised_copy drops); Sym-Net's the base learner (`learner_base`, from a
-    random method=pspnet_base checkpoint) and it needs a class-name table (random, 8-d)."""
-    if method == "qgnet":
-        return ["method.model.prior_extractor.init=random"]
-    if method == "symnet":
-        table = tmp_path / "names.npy"
-        np.save(
-            table, F.normalize(torch.randn(21, 8, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
-        )
-        base_cfg = compose_method("pspnet_base", None, tmp_path / "base", data_dir)
-        _, base = build_run(base_cfg)
-        ckpt = tmp_path / "base.ckpt"
-        state = {f"method.{k}": v for k, v in base.method.state_dict().items()}
-        torch.save({"state_dict": state, "fewshotseg_config": {"fold": 0}}, ckpt)
-        return [f"method.model.text_table={table}", f"method.model.base_learner={ckpt}"]
-    return []
-
-
-def compose_method(method: str, backbone: str | None, tmp_path: Path, data_dir: Path, layout: bool = False):
+def compose_method(method: str, backbone: str | None, tmp_path: Path, data_dir: Path):
+    """The method as `train` composes it, with every module of the authors' checkpoints but without
+    stage files (a stage's modules are built as when a checkpoint holds them: the contract's
+    `Stage.restore`)."""
     overrides = [f"method={method}", f"data.test_transform.size={SIZE}"]
-    overrides += official_layout(method, tmp_path, data_dir) if layout else []
     cfg = compose_train_cfg(tmp_path, data_dir, overrides + ([f"backbone={backbone}"] if backbone else []))
-    target = cfg.method.model._target_.rpartition(".")[0]
-    if importlib.util.find_spec(target) is None:
-        pytest.skip(f"{target} does not exist yet")
-    return cfg
+    return without_stage_files(cfg)
 
 
 def model_inputs(cfg, datamodule, semantic: bool) -> dict | torch.Tensor:
@@ -89,16 +67,20 @@ def logits_of(model, inputs) -> torch.Tensor:
 
 @pytest.mark.parametrize("method,backbone", CASES)
 def test_official_names_round_trip(method, backbone, tmp_path, data_dir):
-    cfg = compose_method(method, backbone, tmp_path, data_dir, layout=True)
+    cfg = compose_method(method, backbone, tmp_path, data_dir)
+    table = method_class(cfg).official_names
+    if table is None:  # no released checkpoint format: weights= says so in one line
+        with pytest.raises(ConfigError, match="declares no official names"):
+            official_state(cfg, tmp_path / "released.pth")
+        return
     datamodule, module = build_run(cfg)
     model = module.method.eval()
-    inputs = model_inputs(cfg, datamodule, is_semantic(cfg))
+    inputs = model_inputs(cfg, datamodule, method_class(cfg).task == "semantic")
     expected = logits_of(model, inputs)
 
-    mod = method_module(cfg)
     ours = {k: v.clone() for k, v in model.state_dict().items()}
-    official = mod.to_official_state(ours)
-    back = mod.convert_official_state({f"module.{k}": v for k, v in official.items()})  # DataParallel
+    official = table.to_official(ours)
+    back = table.to_ours({f"module.{k}": v for k, v in official.items()})  # DataParallel
     assert set(back) == set(ours)
     for value in model.state_dict().values():  # forget every weight, then load the round trip
         value.zero_()

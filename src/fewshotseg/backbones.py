@@ -73,11 +73,15 @@ _WEIGHT_HINTS = {
 }
 
 
-def load_weight_file(path: str | Path, hint: str | None = None) -> dict[str, torch.Tensor]:
+def load_weight_file(
+    path: str | Path, hint: str | None = None, made_by: str | None = None
+) -> dict[str, torch.Tensor]:
     """A state dict from a local .pth/.pt/.bin (weights only, never unpickled code) or .safetensors;
     also this package's own Lightning checkpoints (`method.backbone.body.*`, see checkpoints.py)."""
     where = hint or "timm's pretrained weights or the PSPNet/PFENet 'initmodel' files"
     missing = f"file not found: download {where} on a machine with internet and set backbone.weights=<path>"
+    if made_by:  # a file this package makes (backbone=resnet18_synthetic)
+        missing = f"file not found: make it with `{made_by}`"
     state = checkpoints.read_state_dict(path, "backbone.weights", missing)
     own = checkpoints.package_backbone_state(state)
     if own is not None:
@@ -289,6 +293,7 @@ class Backbone(nn.Module):
         output_stride: int | None = 8,
         pretrained: bool = False,
         weights: str | None = None,
+        weights_from: str | None = None,
         frozen: bool = False,
         bn_mode: str = "eval",
         channels_last: bool = True,
@@ -350,7 +355,7 @@ class Backbone(nn.Module):
                 self.channels = dict(zip(self.levels, info.channels(), strict=True))
                 self.reduction = dict(zip(self.levels, info.reduction(), strict=True))
         if weights:
-            self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name)), str(weights))
+            self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
         if channels_last and frozen:  # never backpropagated: channels_last weights too
             self.body.to(memory_format=torch.channels_last)

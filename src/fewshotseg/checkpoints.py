@@ -9,12 +9,16 @@
   pre-training run), or None.
 - `read_state_dict(path, key)`: the four above, checked to be a dict of tensors.
 - `mismatch(own, state)`: the missing / unexpected / wrong-shape keys of a strict load.
+- `RenameTable`: the authors' tensor names <-> ours, as ordered prefix pairs, both directions.
 
-Methods keep only their declarative rename tables (e.g. `PSP_STEM`), as timm's checkpoint_filter_fn.
+Methods keep only their declarative rename tables (`RenameTable`, built from e.g. `PSP_STEM`), as
+timm's checkpoint_filter_fn; a method declares its table in its contract (methods/base.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,3 +116,81 @@ def mismatch(
         [k for k in state if k not in own],
         [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
     )
+
+
+def resnet_renames(ours: str, stem: Mapping[str, str], suffix: str = "") -> tuple[tuple[str, str], ...]:
+    """(official, our) prefix pairs of the authors' ResNets: the stem is one Sequential
+    `layer0{suffix}` whose index i is our `stem[i]`, the stages are `layer1{suffix}` .. `layer4{suffix}`;
+    `ours` is where the timm body's names start (e.g. `backbone.body.`)."""
+    pairs = [(f"layer0{suffix}.{idx}.", f"{ours}{name}.") for idx, name in stem.items()]
+    return (*pairs, *((f"layer{i}{suffix}.", f"{ours}layer{i}.") for i in range(1, 5)))
+
+
+@dataclass(frozen=True)
+class RenameTable:
+    """How the authors' released checkpoints name a method's tensors: ordered (official prefix, our
+    prefix) pairs. A key is renamed by the first pair whose prefix it starts with (in either
+    direction); a key no pair matches is a ConfigError listing it.
+
+    name: the method, for messages. drop: official prefixes the model has no counterpart for, skipped
+    when reading (ASGNet's layer4, built but never run). aliases: (alias, official) prefixes of tensors
+    the authors' model registers twice (BAM's `encoder.<i>` = `layer<i>`): read where the official key
+    is absent, written as well. unmapped: what the message says of keys with no counterpart.
+    """
+
+    name: str
+    renames: tuple[tuple[str, str], ...]
+    drop: tuple[str, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()
+    unmapped: str = "have no counterpart"
+
+    @staticmethod
+    def _rename(key: str, pairs: Iterable[tuple[str, str]]) -> str | None:
+        for old, new in pairs:
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return None
+
+    def _error(self, where: str, what: str, keys: list[str]) -> ConfigError:
+        more = " ..." if len(keys) > 20 else ""
+        return ConfigError(f"{self.name} {where}: {len(keys)} key(s) {what}: {sorted(keys)[:20]}{more}")
+
+    def to_ours(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The authors' state dict (a `{'state_dict': ...}` wrapper and DataParallel's `module.`
+        accepted) -> this package's names, every tensor kept, in the checkpoint's order."""
+        state = strip_prefix(unwrap(dict(state), ("state_dict",)))
+        named: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            official = self._rename(key, self.aliases)
+            if official is not None and official in state:
+                continue  # the duplicate registration of a tensor the checkpoint also holds by name
+            named[official or key] = value
+        out, unmapped = {}, []
+        for key, value in named.items():
+            if self.drop and key.startswith(self.drop):
+                continue
+            new = self._rename(key, self.renames)
+            if new is None:
+                unmapped.append(key)
+            else:
+                out[new] = value
+        if unmapped:
+            raise self._error("checkpoint", self.unmapped, unmapped)
+        return out
+
+    def to_official(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This package's state dict -> the authors' names (and their duplicate registrations)."""
+        inverse = [(new, old) for old, new in self.renames]
+        out, unmapped = {}, []
+        for key, value in state.items():
+            new = self._rename(key, inverse)
+            if new is None:
+                unmapped.append(key)
+                continue
+            out[new] = value
+            alias = self._rename(new, [(old, alias) for alias, old in self.aliases])
+            if alias is not None:
+                out[alias] = value
+        if unmapped:
+            raise self._error("state dict", f"have no official {self.name} name", unmapped)
+        return out

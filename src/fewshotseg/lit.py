@@ -1,7 +1,8 @@
 """FewShotSegModule: one LightningModule for every method.
 
 loss = CE(logits, query_mask, ignore 255) + sum_k weight_k * aux_k, where the method returns its
-auxiliary losses by name. Optimiser and schedule come from the config; the learning rate written
+auxiliary losses by name; in evaluation it may return `ExtraLogits` instead (methods/base.py), more
+logits scored each by its own FewShotIoU. Optimiser and schedule come from the config; the learning rate written
 there is the effective one (no hidden multipliers). Metrics are FewShotIoU (sum states, DDP-exact).
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import ExtraLogits
 from fewshotseg.metrics import FewShotIoU
 
 EVAL_RESOLUTIONS = ("input", "original")
@@ -59,7 +61,7 @@ class FewShotSegModule(LightningModule):
         self.config = config  # the run's resolved config, stored in checkpoints for `evaluate`
         self.val_iou = FewShotIoU(len(self.class_names))
         self.test_iou = FewShotIoU(len(self.class_names))
-        # extra named logits a method returns in eval mode (aux["logits/<name>"], e.g. Sym-Net's
+        # the extra named logits a method returns in evaluation (ExtraLogits, e.g. Sym-Net's
         # meta-learner-only output): one more FewShotIoU each, made on first sight
         self.extra_iou = nn.ModuleDict()
         self.test_results: dict = {}
@@ -96,13 +98,12 @@ class FewShotSegModule(LightningModule):
         with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (docs/protocols.md),
         and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
         visible = {k: v for k, v in batch.items() if k != "query_mask"}
-        logits, aux = self.method(visible)
-        for name, extra in aux.items():
-            if name.startswith("logits/"):
-                key = f"{stage}_{name[len('logits/') :]}"
-                if key not in self.extra_iou:
-                    self.extra_iou[key] = FewShotIoU(len(self.class_names)).to(logits.device)
-                self._score(extra, batch, self.extra_iou[key])
+        logits, out = self.method(visible)
+        for name, extra in (out.logits if isinstance(out, ExtraLogits) else {}).items():
+            key = f"{stage}_{name}"
+            if key not in self.extra_iou:
+                self.extra_iou[key] = FewShotIoU(len(self.class_names)).to(logits.device)
+            self._score(extra, batch, self.extra_iou[key])
         return {"pred": self._score(logits, batch, metric)}
 
     def _score(self, logits: torch.Tensor, batch: Episode, metric: FewShotIoU) -> torch.Tensor:

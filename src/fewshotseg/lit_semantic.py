@@ -8,7 +8,8 @@ size against the transformed label (BAM: `resized_val`, `ori_resize: False`), ac
 `SemanticIoU` (sum states, DDP-exact); `val/miou` = the mean IoU over the base classes (background
 excluded), which the checkpoint callback monitors.
 
-The entry point selects this module when the method config says `task: semantic` (`build_semantic`).
+`runs.build_run` selects this module (`build_semantic`) for a method whose contract says
+`task = "semantic"` (methods/base.py).
 """
 
 from __future__ import annotations
@@ -115,12 +116,10 @@ class SemanticSegModule(LightningModule):
 
 
 def build_semantic(cfg: DictConfig):
-    """The semantic datamodule and SemanticSegModule of a run whose method says `task: semantic`."""
+    """The semantic datamodule and SemanticSegModule of a run whose method is a semantic stage."""
     datamodule = instantiate(cfg.data)
     if getattr(datamodule, "task", None) != "semantic":
-        raise ConfigError(
-            f"method={cfg.method.get('name', '?')} trains on whole images: expected data.task=semantic"
-        )
+        raise ConfigError(f"{cfg.method.model._target_} trains on whole images: expected data.task=semantic")
     method_cfg = cfg.method
     names = datamodule.class_names
     module = SemanticSegModule(

@@ -26,12 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from fewshotseg.callbacks import overlay
-from fewshotseg.cli import CONFIG_DIR, is_semantic, user_errors
+from fewshotseg.cli import CONFIG_DIR, user_errors
 from fewshotseg.data.episode import collate_episodes
 from fewshotseg.data.sources.base import read_image
 from fewshotseg.data.transforms import PairTransform
 from fewshotseg.errors import ConfigError, DataError
-from fewshotseg.evaluate import load_model
+from fewshotseg.methods.base import Method, method_class
+from fewshotseg.runs import load_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -91,11 +92,11 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def class_id_of(class_name: str | None, class_names: list[str], method: torch.nn.Module) -> int:
+def class_id_of(class_name: str | None, class_names: list[str], method: Method) -> int:
     """The dataset's class id (1..N) of `class_name`; 0 when none is given (methods that read the
-    class, `uses_class_id = True`, need one)."""
+    class's name, `reads_class_names` in their contract, need one)."""
     if class_name is None:
-        if getattr(method, "uses_class_id", False):
+        if method.reads_class_names:
             raise ConfigError(
                 f"class_name= is required: {type(method).__name__} uses the class of the objects; one of "
                 f"{class_names[:20]}{' ...' if len(class_names) > 20 else ''}"
@@ -140,7 +141,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         s_raw.append((image, read_support_mask(mask_path, image.shape[:2], image_path)))
 
     run_cfg, datamodule, module = load_model(cfg)
-    if is_semantic(run_cfg):
+    if method_class(run_cfg).task != "episodes":
         raise ConfigError(
             f"{run_cfg.method.model._target_} is a stage (semantic segmentation of the base classes), "
             "not a few-shot method: it takes no supports"

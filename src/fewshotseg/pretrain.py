@@ -6,7 +6,9 @@ python -m fewshotseg.pretrain ckpt_path=logs/pretrain/runs/<run>/checkpoints/las
 python -m fewshotseg.pretrain export=logs/pretrain/runs/<run>/checkpoints/last.ckpt      # export only
 
 The export (`<run>/prior_extractor.pth`, or `export_path=`) is what
-`python -m fewshotseg.train method=qgnet method.model.prior_extractor.weights=<file>` loads.
+`python -m fewshotseg.train method=qgnet method.model.prior_extractor.weights=<file>` loads. The run
+ends with that command, built from the contract of the method whose stage this is (`Stage`,
+methods/base.py).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshotseg.cli import CONFIG_DIR, finish_wandb, instantiate_group, prepare_wandb, user_errors
+from fewshotseg.cli import CONFIG_DIR, instantiate_group, user_errors
 from fewshotseg.contrastive import ImagesPerSecond, export_from_checkpoint, export_prior_extractor
 from fewshotseg.errors import ConfigError
+from fewshotseg.loggers import finish_wandb, prepare_wandb
+from fewshotseg.methods.base import registered_methods
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +51,19 @@ def export_path(cfg: DictConfig, default_dir: str | Path) -> Path:
 
 
 def use_hint(cfg: DictConfig, path: Path, arch: str) -> str:
-    """The `fewshotseg.train` command that loads this export as QGNet's prior extractor."""
-    args = [f"fold={cfg.fold}", "method.model.prior_extractor.init=weights",
-            f"method.model.prior_extractor.weights={path}"]  # fmt: skip
-    if arch != "resnet50_dilated":  # QGNet's default prior-extractor architecture
-        args.append(f"method.model.prior_extractor.name={arch}")
+    """The `fewshotseg.train` command that loads this export into the method whose stage it is."""
     try:
-        args.insert(0, f"data={HydraConfig.get().runtime.choices.get('data')}")
+        data = [f"data={HydraConfig.get().runtime.choices.get('data')}"]
     except ValueError:
-        pass
-    return "python -m fewshotseg.train method=qgnet " + " ".join(args)
+        data = []
+    commands = []
+    for name, method in registered_methods().items():
+        for stage in method.stages:
+            if stage.produced_by == "fewshotseg.pretrain":
+                load = [f"method.model.{k}={v.format(path=path, arch=arch)}" for k, v in stage.load.items()]
+                args = [f"method={name}", *data, f"fold={cfg.fold}", *load]
+                commands.append("python -m fewshotseg.train " + " ".join(args))
+    return "; ".join(commands) or "(no method config loads it)"
 
 
 def pretrain(cfg: DictConfig) -> Path | None:

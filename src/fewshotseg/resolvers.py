@@ -19,3 +19,11 @@ def synthetic_dir(image_size: int) -> str:
 
 OmegaConf.register_new_resolver("fss.crop", crop_for, replace=True)
 OmegaConf.register_new_resolver("fss.synthetic_dir", synthetic_dir, replace=True)
+
+
+def strict_suffix(exclude_fold) -> str:
+    """`_strict<k>` for a pre-training corpus (and backbone) without fold k's novel classes, else ''."""
+    return "" if exclude_fold is None else f"_strict{int(exclude_fold)}"
+
+
+OmegaConf.register_new_resolver("fss.strict_suffix", strict_suffix, replace=True)

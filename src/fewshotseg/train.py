@@ -15,17 +15,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fewshotseg.cli import (
-    CONFIG_DIR,
-    build,
-    finish_wandb,
-    instantiate_group,
-    prepare_wandb,
-    user_errors,
-    write_results,
-)
+from fewshotseg.cli import CONFIG_DIR, instantiate_group, user_errors
 from fewshotseg.errors import ConfigError
-from fewshotseg.lit_semantic import build_semantic
+from fewshotseg.loggers import finish_wandb, prepare_wandb
+from fewshotseg.methods.base import method_class
+from fewshotseg.results import format_test_results, write_results
+from fewshotseg.runs import build_run
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +30,7 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file to resume from")
     L.seed_everything(cfg.seed, workers=True)
     prepare_wandb(cfg)
-    semantic = cfg.method.get("task") == "semantic"  # a stage such as method=pspnet_base
-    datamodule, module = build_semantic(cfg) if semantic else build(cfg)
+    datamodule, module = build_run(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_group(cfg.get("callbacks"))
@@ -56,15 +50,8 @@ def train(cfg: DictConfig) -> dict:
         write_results(
             Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, ckpt=best or None
         )
-    if trainer.is_global_zero and results and not semantic:  # SemanticSegModule prints its own
-        dm = datamodule
-        print(
-            f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"
-        )
-        for key in sorted(k for k in results if k.endswith("_miou")):  # e.g. Sym-Net's meta-only mIoU
-            print(f"test {key[: -len('_miou')]}-only mIoU: {100 * results[key]:.2f}")
-        print(f"test mIoU:   {100 * results['miou']:.2f}")
-        print(f"test FB-IoU: {100 * results['fbiou']:.2f}")
+        if method_class(cfg).task == "episodes":  # a semantic stage's module prints its own
+            print(format_test_results(results, datamodule))
     return results
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from fewshotseg import checkpoints
 from fewshotseg.backbones import fuse_levels
 from fewshotseg.data.episode import Episode
+from fewshotseg.methods.base import Method
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.ops.superpixel import (
     batched_superpixel_clustering,
@@ -45,8 +46,25 @@ from fewshotseg.ops.superpixel import (
     place_seeds_batch,
 )
 
+# The authors' checkpoints: the official `model/asgnet.py::Model` (with the FEM context module,
+# `pyramid: True`, as every released config) holds the backbone as `layer0` (the PSPNet stem
+# Sequential) .. `layer4`, `down_conv`, and the FEM parts at the top level with `corr_conv` for
+# PFENet's `init_merge`; released files are `{'state_dict': ...}` of a DataParallel model
+# (`module.` prefix). Here the FEM is `fem.*` and the backbone `backbone.body.*` with timm's names.
+_FEM_OFFICIAL = {"corr_conv": "init_merge", "alpha_conv": "alpha_conv", "beta_conv": "beta_conv",
+                 "inner_cls": "inner_cls", "res1": "res1", "res2": "res2", "cls": "cls"}  # fmt: skip
+OFFICIAL_NAMES = checkpoints.RenameTable(
+    "ASGNet",
+    (
+        *checkpoints.resnet_renames("backbone.body.", checkpoints.PSP_STEM),
+        ("down_conv.", "down_conv."),
+        *((f"{official}.", f"fem.{ours}.") for official, ours in _FEM_OFFICIAL.items()),
+    ),
+    drop=("layer4.",),  # built by the official model, never run by its forward (no prior)
+)
 
-class ASGNet(nn.Module):
+
+class ASGNet(Method):
     """ASGNet.
 
     Args:
@@ -60,6 +78,8 @@ class ASGNet(nn.Module):
         train_iter, eval_iter: clustering iterations in training (10) and evaluation (5).
         dropout: Dropout2d of `down_conv` (0.5).
     """
+
+    official_names = OFFICIAL_NAMES
 
     def __init__(
         self,
@@ -126,84 +146,15 @@ class ASGNet(nn.Module):
 # The authors' checkpoints
 # ------------------------------------------------------------------------------------------------
 
-# The official `model/asgnet.py::Model` (with the FEM context module, `pyramid: True`, as every
-# released config): the backbone as `layer0` (the PSPNet stem Sequential) .. `layer4`, `down_conv`,
-# and the FEM parts at the top level with `corr_conv` for PFENet's `init_merge`. Checkpoints are
-# `{'state_dict': ...}` of a DataParallel model (`module.` prefix). Here the FEM is `fem.*` and the
-# backbone `backbone.body.*` with timm's names.
-_STEMS = {  # official layer0 index -> ours: the PSPNet deep stem, or a plain one (conv1, bn1)
-    "deep": checkpoints.PSP_STEM,
-    "plain": {"0": "conv1", "1": "bn1"},
-}
-_FEM_OFFICIAL = {"corr_conv": "init_merge", "alpha_conv": "alpha_conv", "beta_conv": "beta_conv",
-                 "inner_cls": "inner_cls", "res1": "res1", "res2": "res2", "cls": "cls"}  # fmt: skip
-
-
-def _unmapped_error(where: str, keys: list[str]):
-    from fewshotseg.errors import ConfigError  # (imports local: this section was appended)
-
-    return ConfigError(
-        f"{where}: {len(keys)} key(s) have no counterpart: {sorted(keys)[:20]}{' ...' if len(keys) > 20 else ''}"
-    )
-
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' ASGNet state dict (with or without `module.`) -> this module's names, every
-    tensor kept (the backbone's drifted BatchNorm statistics too). `layer4` is dropped: the official
-    model builds it but its forward never runs it (no prior). Keys of other variants (the ASPP
-    context module: `ASPP`, `skip1`, ...) raise ConfigError."""
-    state = checkpoints.strip_prefix(state_dict)
-    stem = _STEMS["deep" if "layer0.6.weight" in state else "plain"]
-    out, unmapped = {}, []
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head == "layer4":
-            continue
-        if head == "layer0":
-            idx, _, tail = rest.partition(".")
-            new = f"backbone.body.{stem[idx]}.{tail}" if idx in stem else None
-        elif head in ("layer1", "layer2", "layer3"):
-            new = f"backbone.body.{key}"
-        elif head == "down_conv":
-            new = key
-        elif head in _FEM_OFFICIAL:
-            new = f"fem.{_FEM_OFFICIAL[head]}.{rest}"
-        else:
-            new = None
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    if unmapped:
-        raise _unmapped_error("ASGNet checkpoint", unmapped)
-    return out
+    """The authors' ASGNet state dict (with or without `module.`) -> this module's names
+    (`OFFICIAL_NAMES`), every tensor kept (the backbone's drifted BatchNorm statistics too). `layer4`
+    is dropped: the official model builds it but its forward never runs it (no prior). Keys of other
+    variants (the ASPP context module: `ASPP`, `skip1`, ...) raise ConfigError."""
+    return OFFICIAL_NAMES.to_ours(state_dict)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_official_state` (without the `layer4` it drops)."""
-    stem = _STEMS["deep" if "backbone.body.conv1.0.weight" in state_dict else "plain"]
-    to_official = {ours: idx for idx, ours in stem.items()}
-    fem = {ours: official for official, ours in _FEM_OFFICIAL.items()}
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        new = None
-        if key.startswith("backbone.body."):
-            rest = key[len("backbone.body.") :]
-            if rest.split(".", 1)[0] in ("layer1", "layer2", "layer3"):
-                new = rest
-            else:
-                module, _, tail = rest.rpartition(".")
-                if module in to_official:
-                    new = f"layer0.{to_official[module]}.{tail}"
-        elif key.startswith("down_conv."):
-            new = key
-        elif key.startswith("fem."):
-            part, _, rest = key[len("fem.") :].partition(".")
-            new = f"{fem[part]}.{rest}" if part in fem else None
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    if unmapped:
-        raise _unmapped_error("ASGNet to_official_state", unmapped)
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)

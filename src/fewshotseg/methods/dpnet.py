@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshotseg import checkpoints
 from fewshotseg.backbones import fuse_levels
 from fewshotseg.data.episode import Episode
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import Method
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.modules.projection import mid_projection
 from fewshotseg.ops.prior import training_free_prior
@@ -221,7 +221,7 @@ class PIM(nn.Module):
         return proto + rho * g * pseudo, pseudo + rho * g * proto, q_feat * (1 + g[:, :, None, None])
 
 
-class DPNet(nn.Module):
+class DPNet(Method):
     """DPNet, reconstructed (see the module docstring and docs/methods/dpnet.md).
 
     Args:
@@ -344,36 +344,3 @@ class DPNet(nn.Module):
         protos = torch.stack([background, pseudo], 1).repeat_interleave(K, 0)  # [B*K, 2, C]
         logits = cosine_logits(s_feat, protos, scale=self.aux_cfg.scale)
         return inner_loss([logits], s_labels.flatten(0, 1))
-
-
-# ------------------------------------------------------------------------------------------------
-# Weights
-# ------------------------------------------------------------------------------------------------
-
-OUR_MODULES = ("backbone", "down_query", "down_supp", "pim", "fem")
-
-
-def _check_keys(state: Mapping[str, torch.Tensor], where: str) -> None:
-    foreign = sorted(k for k in state if k.split(".", 1)[0] not in OUR_MODULES or "." not in k)
-    if foreign:
-        raise ConfigError(
-            f"{where}: keys that are not DPNet's: {foreign[:10]}{' ...' if len(foreign) > 10 else ''}; "
-            f"expected keys under {list(OUR_MODULES)}"
-        )
-
-
-def convert_official_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' names -> ours. No official DPNet code or checkpoint exists (docs/methods/dpnet.md),
-    so this is the identity on this project's own names (a `module.` prefix is removed); a key
-    outside DPNet's modules raises ConfigError. Missing keys are caught by the strict load."""
-    state = checkpoints.strip_prefix(state_dict)
-    _check_keys(state, "DPNet state dict")
-    return state
-
-
-def to_official_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> the authors' names: the identity (no official names exist; see
-    `convert_official_state`), with the same key check."""
-    state = dict(state_dict)
-    _check_keys(state, "DPNet state dict")
-    return state

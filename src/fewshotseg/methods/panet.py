@@ -15,11 +15,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshotseg.backbones import panet_vgg_keys
+from fewshotseg.checkpoints import RenameTable
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
+from fewshotseg.methods.base import Method
 from fewshotseg.ops.prototypes import cosine_logits, masked_average_pool
 
 
-class PANet(nn.Module):
+# The authors' checkpoints: PANet's sacred snapshots (`torch.save(model.state_dict())` of a
+# DataParallel `FewShotSeg`) hold only the encoder: `module.encoder.backbone.features.{2*block}.
+# {2*conv}.{weight,bias}` (docs/methods/panet.md §1). Here the encoder is `backbone.body`: VGG-16
+# with torchvision's flat `features.N` indices. Another backbone keeps its own names under
+# `encoder.backbone.` (where PANet's code would hold it).
+def _vgg_renames() -> tuple[tuple[str, str], ...]:
+    """`encoder.backbone.features.{2b}.{2j}.` -> `backbone.body.features.N.` for the 13 convs."""
+    nested = [f"features.{2 * b}.{2 * j}" for b, n in enumerate((2, 2, 3, 3, 3)) for j in range(n)]
+    flat = panet_vgg_keys(dict.fromkeys(f"{k}.weight" for k in nested))  # in the same order
+    return tuple(
+        (f"encoder.backbone.{n}.", f"backbone.body.{f.removesuffix('weight')}") for n, f in zip(nested, flat)
+    )
+
+
+OFFICIAL_NAMES = RenameTable(
+    "PANet", (*_vgg_renames(), ("encoder.backbone.", "backbone.body.")), unmapped="outside PANet's encoder"
+)
+
+
+class PANet(Method):
+    official_names = OFFICIAL_NAMES
+
     def __init__(
         self,
         backbone: Callable[..., nn.Module],
@@ -85,52 +109,14 @@ class PANet(nn.Module):
 # The authors' checkpoints
 # ------------------------------------------------------------------------------------------------
 
-# PANet's sacred snapshots (`torch.save(model.state_dict())` of a DataParallel `FewShotSeg`) hold
-# only the encoder: `module.encoder.backbone.features.{2*block}.{2*conv}.{weight,bias}` (docs/methods/panet.md
-# §1). Here the encoder is `backbone.body`: VGG-16 with torchvision's flat `features.N` indices.
-# Another backbone keeps its own names under `encoder.backbone.` (where PANet's code would hold it).
-_OFFICIAL_ENCODER, _OUR_ENCODER = "encoder.backbone.", "backbone.body."
-
-
-def _unmapped(where: str, keys: list[str]):
-    from fewshotseg.errors import ConfigError  # (imports local: this section was appended)
-
-    more = " ..." if len(keys) > 20 else ""
-    return ConfigError(f"{where}: {len(keys)} key(s) outside PANet's encoder: {sorted(keys)[:20]}{more}")
-
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PANet's released snapshot (with or without DataParallel's `module.`) -> this module's names;
-    the VGG-16 convs are renumbered (`features.{2b}.{2j}` -> `features.N`). A key outside the
-    encoder raises ConfigError; a missing one is caught by the strict load."""
-    from fewshotseg.backbones import panet_vgg_keys
-
-    encoder, unmapped = {}, []
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.startswith(_OFFICIAL_ENCODER):
-            encoder[key[len(_OFFICIAL_ENCODER) :]] = value
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise _unmapped("PANet checkpoint", unmapped)
-    return {_OUR_ENCODER + k: v for k, v in panet_vgg_keys(encoder).items()}
+    """PANet's released snapshot (with or without DataParallel's `module.`) -> this module's names
+    (`OFFICIAL_NAMES`); the VGG-16 convs are renumbered (`features.{2b}.{2j}` -> `features.N`). A key
+    outside the encoder raises ConfigError; a missing one is caught by the strict load."""
+    return OFFICIAL_NAMES.to_ours(state_dict)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_official_state`: this module's state dict -> PANet's names."""
-    from fewshotseg.backbones import panet_vgg_keys
-
-    nested = [f"features.{2 * b}.{2 * j}.{p}" for b, n in enumerate((2, 2, 3, 3, 3)) for j in range(n)
-              for p in ("weight", "bias")]  # fmt: skip
-    to_nested = dict(zip(panet_vgg_keys(dict.fromkeys(nested)), nested, strict=True))
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        if key.startswith(_OUR_ENCODER):
-            rest = key[len(_OUR_ENCODER) :]
-            out[_OFFICIAL_ENCODER + to_nested.get(rest, rest)] = value
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise _unmapped("PANet to_official_state", unmapped)
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)

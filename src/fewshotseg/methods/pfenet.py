@@ -20,8 +20,9 @@ official code (the same batches normalise and update the running statistics); ot
 through in one call. Unlike ASGNet, `down_supp` learns: the support branch keeps its gradient
 (only the frozen backbone runs under no-grad).
 
-`convert_official_state` / `to_official_state` map the authors' checkpoints (`layer0`..`layer4`
-with the PSPNet stem, `init_merge`, ...) to this module's names and back.
+`OFFICIAL_NAMES` (the contract's `official_names`; `convert_official_state` / `to_official_state`)
+maps the authors' checkpoints (`layer0`..`layer4` with the PSPNet stem, `init_merge`, ...) to this
+module's names and back.
 """
 
 from __future__ import annotations
@@ -38,13 +39,26 @@ from fewshotseg import checkpoints
 from fewshotseg.backbones import Backbone, fuse_levels
 from fewshotseg.data.episode import Episode
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import Method
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.modules.projection import mid_projection
 from fewshotseg.ops.prior import training_free_prior
 from fewshotseg.ops.prototypes import weighted_gap
 
+# The authors' checkpoints (`model/PFENet.py`): the backbone as `layer0` (the PSPNet stem
+# Sequential: conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, pool) .. `layer4`, the FEM
+# parts at the model's top level. Here the backbone is `backbone.body.*` with timm's deep-stem names
+# (`layer1..4.*` are the same in both) and the FEM `fem.*`.
+PSP_STEM = checkpoints.PSP_STEM
+FEM_PARTS = ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
+HEAD_PARTS = ("down_query", "down_supp")
+HEAD_RENAMES = (*((f"{p}.", f"fem.{p}.") for p in FEM_PARTS), *((f"{p}.", f"{p}.") for p in HEAD_PARTS))
+OFFICIAL_NAMES = checkpoints.RenameTable(
+    "PFENet", (*checkpoints.resnet_renames("backbone.body.", PSP_STEM), *HEAD_RENAMES)
+)
 
-class PFENet(nn.Module):
+
+class PFENet(Method):
     """PFENet.
 
     Args:
@@ -58,6 +72,7 @@ class PFENet(nn.Module):
         dropout: Dropout2d of `down_query` / `down_supp` (0.5).
     """
 
+    official_names = OFFICIAL_NAMES
     extra_maps = 0  # 1-channel maps a subclass adds to the FEM input besides the prior
 
     def __init__(
@@ -142,17 +157,6 @@ class PFENet(nn.Module):
 # The authors' checkpoints
 # ------------------------------------------------------------------------------------------------
 
-# PFENet's stem Sequential `layer0` (conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, pool)
-# -> timm's deep stem (resnet50s / resnet101s); `layer1..4.*` are the same in both.
-PSP_STEM = checkpoints.PSP_STEM
-# FEM parts: the official names at the model's top level; here under `fem.`.
-FEM_PARTS = ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
-HEAD_PARTS = ("down_query", "down_supp")
-
-
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return checkpoints.strip_prefix(state)
-
 
 def _raise_unmapped(method: str, unmapped: list[str], direction: str) -> None:
     if unmapped:
@@ -163,16 +167,12 @@ def _raise_unmapped(method: str, unmapped: list[str], direction: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def official_backbone_keys(
-    name: str, official_suffix: str, stem: tuple[tuple[str, str], ...]
-) -> frozenset[str]:
-    """Every tensor name of backbone `name` as the authors' model calls it (`layer0{suffix}.i.*`,
-    `layer1{suffix}.*`, ...), from a model built on the meta device (no memory, no compute)."""
+def official_backbone_keys(name: str, ours: str, table: checkpoints.RenameTable) -> frozenset[str]:
+    """Every tensor name of backbone `name` (our names under `ours`) as the authors' model calls it,
+    from a model built on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         body = Backbone(name=name, levels=[4], channels_last=False).body
-    return frozenset(
-        _backbone_to_official(f"bb.body.{k}", "bb", dict(stem), official_suffix) for k in body.state_dict()
-    )
+    return frozenset(table.to_official({f"{ours}{k}": v for k, v in body.state_dict().items()}))
 
 
 def _resnet_depth_name(state: dict[str, torch.Tensor], prefix: str) -> str:
@@ -181,11 +181,11 @@ def _resnet_depth_name(state: dict[str, torch.Tensor], prefix: str) -> str:
     return {6: "resnet50_psp", 23: "resnet101_psp"}.get(len(blocks), "resnet50_psp")
 
 
-def _official_required(
-    state: dict[str, torch.Tensor], backbones: list[tuple[str, str, dict[str, str]]]
+def official_required(
+    state: dict[str, torch.Tensor], backbones: list[tuple[str, str]], table: checkpoints.RenameTable
 ) -> list[str]:
     """The keys an official checkpoint of this layout must have that `state` lacks: the heads and
-    FEM (as many bins as it holds) and every tensor of each backbone (name, official suffix, stem)."""
+    FEM (as many bins as it holds) and every tensor of each backbone (name, where `table` puts it)."""
     n = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"init_merge\.(\d+)\.", k))), default=-1)
     required = [f"{p}.0.weight" for p in HEAD_PARTS]
     required += [
@@ -200,74 +200,24 @@ def _official_required(
         required += [f"init_merge.{i}.0.weight", f"beta_conv.{i}.0.weight", f"beta_conv.{i}.2.weight"]
         required += [f"inner_cls.{i}.0.weight", f"inner_cls.{i}.3.weight", f"inner_cls.{i}.3.bias"]
     required += [f"alpha_conv.{i}.0.weight" for i in range(n - 1)]
-    for name, suffix, stem in backbones:
-        required += sorted(official_backbone_keys(name, suffix, tuple(stem.items())))
+    for name, ours in backbones:
+        required += sorted(official_backbone_keys(name, ours, table))
     return [k for k in required if k not in state]
-
-
-def _map_heads(key: str, to_ours: bool) -> str | None:
-    head = key.split(".", 1)[0]
-    if to_ours:
-        if head in FEM_PARTS:
-            return f"fem.{key}"
-        return key if head in HEAD_PARTS else None
-    if head == "fem":
-        return key[len("fem.") :]
-    return key if head in HEAD_PARTS else None
-
-
-def _backbone_to_ours(key: str, official_prefix: str, stem: dict[str, str], ours: str) -> str | None:
-    """`{official_prefix}0.<i>.*` (stem) and `{official_prefix}N.*` -> `{ours}.body.*`; `layer` is
-    PFENet's prefix, `layer…_unsuper` QGNet's prior extractor (see qgnet.py)."""
-    m = re.fullmatch(r"layer([0-4])" + re.escape(official_prefix) + r"\.(.+)", key)
-    if m is None:
-        return None
-    level, rest = m.groups()
-    if level != "0":
-        return f"{ours}.body.layer{level}.{rest}"
-    idx, _, tail = rest.partition(".")
-    return f"{ours}.body.{stem[idx]}.{tail}" if idx in stem else None
-
-
-def _backbone_to_official(key: str, ours: str, stem: dict[str, str], official_suffix: str) -> str | None:
-    if not key.startswith(f"{ours}.body."):
-        return None
-    rest = key[len(f"{ours}.body.") :]
-    m = re.fullmatch(r"layer([1-4])\.(.+)", rest)
-    if m:
-        return f"layer{m.group(1)}{official_suffix}.{m.group(2)}"
-    for idx, name in stem.items():
-        if rest.startswith(name + "."):
-            return f"layer0{official_suffix}.{idx}.{rest[len(name) + 1 :]}"
-    return None
 
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The authors' PFENet state dict (`model/PFENet.py`, ResNet backbone; with or without the
-    DataParallel `module.` prefix) -> this module's names. Every tensor is kept, including the
-    backbone's (drifted) BatchNorm statistics. Unmapped or missing keys raise ConfigError."""
-    state = _strip_module(state_dict)
-    missing = _official_required(state, [(_resnet_depth_name(state, "layer3"), "", PSP_STEM)])
+    DataParallel `module.` prefix) -> this module's names (`OFFICIAL_NAMES`), after checking that
+    every tensor of that layout is there. Every tensor is kept, including the backbone's (drifted)
+    BatchNorm statistics. Unmapped or missing keys raise ConfigError."""
+    state = checkpoints.strip_prefix(state_dict)
+    missing = official_required(
+        state, [(_resnet_depth_name(state, "layer3"), "backbone.body.")], OFFICIAL_NAMES
+    )
     _raise_unmapped("PFENet convert_official_state", missing, "(missing from the checkpoint)")
-    out, unmapped = {}, []
-    for key, value in state.items():
-        new = _backbone_to_ours(key, "", PSP_STEM, "backbone") or _map_heads(key, to_ours=True)
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    _raise_unmapped("PFENet convert_official_state", unmapped, "(not a PFENet ResNet tensor)")
-    return out
+    return OFFICIAL_NAMES.to_ours(state)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_official_state`: this module's state dict -> the authors' names."""
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        new = _backbone_to_official(key, "backbone", PSP_STEM, "") or _map_heads(key, to_ours=False)
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    _raise_unmapped("PFENet to_official_state", unmapped, "(no official PFENet name)")
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)

@@ -10,7 +10,7 @@ trains it (`fewshotseg.lit_semantic.SemanticSegModule`); the checkpoint it write
 methods (Sym-Net) load with `load_base_learner`: their frozen backbone is this checkpoint's own
 (fine-tuned on the base classes), and `base_logits` on the query's level-4 features is the frozen
 base learner of their ensemble. BAM's released `initmodel/PSPNet/<dataset>/split<i>/resnet50/best.pth`
-files load too (`convert_official_state`).
+files load too (`OFFICIAL_NAMES`, `convert_official_state`).
 
 Class ids of the logits: 0 = background, i = the i-th base class of the fold in ascending class-id
 order (BAM's `sub_list.index(c) + 1`); the episodes' `query_base_label` uses the same ids.
@@ -18,7 +18,6 @@ order (BAM's `sub_list.index(c) + 1`); the episodes' `query_base_label` uses the
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshotseg.checkpoints import PSP_STEM, mismatch, read, strip_prefix
+from fewshotseg.checkpoints import PSP_STEM, RenameTable, mismatch, read, resnet_renames
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import Method
 
 # Where the backbone's tensors live in our state dict (the Backbone wraps the timm body).
 BACKBONE_PREFIX = "backbone.body."
@@ -57,7 +57,18 @@ class PPM(nn.Module):
         return torch.cat([x, *pooled], 1)
 
 
-class PSPNetBase(nn.Module):
+# BAM's checkpoints (`model/PSPNet.py`): the backbone as `layer0` (the PSPNet stem Sequential:
+# conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool) .. `layer4`, registered a second
+# time as `encoder.0` .. `encoder.4`; `ppm` and `cls` as here.
+OFFICIAL_NAMES = RenameTable(
+    "BAM PSPNet",
+    (*resnet_renames(BACKBONE_PREFIX, PSP_STEM), ("ppm.", "ppm."), ("cls.", "cls.")),
+    aliases=tuple((f"encoder.{i}.", f"layer{i}.") for i in range(5)),
+    unmapped="have no counterpart in PSPNetBase (a ResNet base learner is expected)",
+)
+
+
+class PSPNetBase(Method):
     """The base learner.
 
     Args:
@@ -76,6 +87,9 @@ class PSPNetBase(nn.Module):
     Attributes: `backbone`, `ppm`, `cls` (3x3 conv no bias -> BN -> ReLU -> Dropout2d -> 1x1 conv,
     the authors' indices 0..4), `num_classes`.
     """
+
+    task = "semantic"  # a stage: images -> logits over background + the base classes
+    official_names = OFFICIAL_NAMES
 
     def __init__(
         self,
@@ -123,74 +137,18 @@ class PSPNetBase(nn.Module):
 # Checkpoints: ours (Lightning, method=pspnet_base) and the authors' (BAM initmodel/PSPNet)
 # ------------------------------------------------------------------------------------------------
 
-# BAM's stem: layer0 = Sequential(conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, relu3, maxpool).
-_STEM_TO_TIMM = PSP_STEM
-_TIMM_TO_STEM = {v: k for k, v in _STEM_TO_TIMM.items()}
-_HEAD = re.compile(r"^(ppm\.features\.\d+\.[12]|cls\.[014])\.")
-_LAYER = re.compile(r"^layer[1-4]\.")
-
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BAM's PSPNet (`OneModel`, ResNet) state dict -> ours. Accepts the `module.` prefix (DDP) and a
-    `{'state_dict': ...}` wrapper. Its `encoder.i.*` tensors are the same modules as `layer{i}.*`
-    (BAM registers them twice); they are used only where `layer{i}.*` is absent. Unmapped keys (e.g.
-    a VGG base learner) raise a ConfigError listing them."""
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]
-    state = strip_prefix(state_dict)
-    named = {}
-    for key, value in state.items():
-        if key.startswith("encoder."):
-            _, i, rest = key.split(".", 2)
-            key = f"layer{i}.{rest}"
-            if key in state:
-                continue  # the duplicate registration
-        named[key] = value
-    out, unmapped = {}, []
-    for key, value in named.items():
-        if _HEAD.match(key):
-            out[key] = value
-        elif key.startswith("layer0."):
-            _, idx, rest = key.split(".", 2)
-            if idx not in _STEM_TO_TIMM:
-                unmapped.append(key)
-                continue
-            out[f"{BACKBONE_PREFIX}{_STEM_TO_TIMM[idx]}.{rest}"] = value
-        elif _LAYER.match(key):
-            out[BACKBONE_PREFIX + key] = value
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise ConfigError(
-            f"BAM PSPNet state dict: {len(unmapped)} keys have no counterpart in PSPNetBase "
-            f"(a ResNet base learner is expected): {sorted(unmapped)[:20]}"
-        )
-    return out
+    """BAM's PSPNet (`OneModel`, ResNet) state dict -> ours (`OFFICIAL_NAMES`). Accepts the `module.`
+    prefix (DDP) and a `{'state_dict': ...}` wrapper. Its `encoder.i.*` tensors are the same modules
+    as `layer{i}.*` (BAM registers them twice); they are used only where `layer{i}.*` is absent.
+    Unmapped keys (e.g. a VGG base learner) raise a ConfigError listing them."""
+    return OFFICIAL_NAMES.to_ours(state_dict)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> BAM's PSPNet names, with the `encoder.i.*` duplicates BAM's strict load expects."""
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        if _HEAD.match(key):
-            out[key] = value
-            continue
-        if not key.startswith(BACKBONE_PREFIX):
-            unmapped.append(key)
-            continue
-        name = key[len(BACKBONE_PREFIX) :]
-        stem = next((t for t in _TIMM_TO_STEM if name.startswith(t + ".")), None)
-        if stem is not None:
-            name = f"layer0.{_TIMM_TO_STEM[stem]}.{name[len(stem) + 1 :]}"
-        elif not _LAYER.match(name):
-            unmapped.append(key)
-            continue
-        out[name] = value
-        layer, rest = name.split(".", 1)
-        out[f"encoder.{layer[len('layer') :]}.{rest}"] = value
-    if unmapped:
-        raise ConfigError(f"PSPNetBase state dict: keys with no BAM counterpart: {sorted(unmapped)[:20]}")
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)
 
 
 def _our_state(checkpoint: dict) -> dict[str, torch.Tensor] | None:

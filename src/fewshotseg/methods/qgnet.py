@@ -46,15 +46,13 @@ from torch import nn
 from fewshotseg import checkpoints
 from fewshotseg.backbones import Backbone
 from fewshotseg.errors import ConfigError
+from fewshotseg.methods.base import Stage
 from fewshotseg.methods.pfenet import (
+    HEAD_RENAMES,
     PSP_STEM,
     PFENet,
-    _backbone_to_official,
-    _backbone_to_ours,
-    _map_heads,
-    _official_required,
     _raise_unmapped,
-    _strip_module,
+    official_required,
 )
 from fewshotseg.ops.prior import max_cosine_map
 
@@ -101,6 +99,22 @@ def load_prior_extractor_state(path: str | Path, encoder: str = "encoder_k") -> 
     return {k: v for k, v in state.items() if not k.startswith(heads)}, arch
 
 
+# The authors' checkpoints (`model/PFENet_QGNet.py`): PFENet's names (`layer0..4`, the FEM parts,
+# the heads), the prior extractor as `layer0_unsuper` (its standard stem Sequential: conv1, bn1,
+# relu, maxpool) .. `layer4_unsuper`, and the two self-correspondence heads.
+TV_STEM = {"0": "conv1", "1": "bn1"}
+QG_HEADS = ("down_learn_super", "down_learn_unsuper")
+OFFICIAL_NAMES = checkpoints.RenameTable(
+    "QGNet",
+    (
+        *checkpoints.resnet_renames("backbone.body.", PSP_STEM),
+        *checkpoints.resnet_renames("prior_extractor.body.", TV_STEM, suffix="_unsuper"),
+        *HEAD_RENAMES,
+        *((f"{h}.", f"{h}.") for h in QG_HEADS),
+    ),
+)
+
+
 class QGNet(PFENet):
     """QGNet (FSS stage).
 
@@ -109,6 +123,20 @@ class QGNet(PFENet):
             `init` (weights | supervised_copy | random), `weights`, `encoder`, `bn_mode`.
     """
 
+    official_names = OFFICIAL_NAMES
+    # the prior extractor: the export of `python -m fewshotseg.pretrain`
+    stages = (
+        Stage(
+            module="prior_extractor",
+            restore={"prior_extractor.init": "random"},
+            produced_by="fewshotseg.pretrain",
+            load={
+                "prior_extractor.init": "weights",
+                "prior_extractor.weights": "{path}",
+                "prior_extractor.name": "{arch}",
+            },
+        ),
+    )
     extra_maps = 1  # the prior region map
 
     def __init__(
@@ -190,50 +218,23 @@ class QGNet(PFENet):
 # The authors' checkpoints
 # ------------------------------------------------------------------------------------------------
 
-# The prior extractor's standard stem `layer0_unsuper` = Sequential(conv1, bn1, relu, maxpool).
-TV_STEM = {"0": "conv1", "1": "bn1"}
-QG_HEADS = ("down_learn_super", "down_learn_unsuper")
-
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The authors' QGNet state dict (`model/PFENet_QGNet.py`; with or without `module.`) -> this
-    module's names: `layer0..4` -> `backbone.body.*`, `layer0..4_unsuper` -> `prior_extractor.body.*`,
-    the FEM under `fem.`, the heads as they are. Unmapped or missing keys raise ConfigError. (For a
-    model built with `prior_extractor.init=supervised_copy`, drop the `prior_extractor.` keys.)"""
-    state = _strip_module(state_dict)
-    backbones = [("resnet50_psp", "", PSP_STEM), ("resnet50_dilated", "_unsuper", TV_STEM)]  # ResNet-50 only
-    missing = _official_required(state, backbones)
+    module's names (`OFFICIAL_NAMES`), after checking that every tensor of that layout is there.
+    Unmapped or missing keys raise ConfigError. (For a model built with
+    `prior_extractor.init=supervised_copy`, drop the `prior_extractor.` keys.)"""
+    state = checkpoints.strip_prefix(state_dict)
+    backbones = [
+        ("resnet50_psp", "backbone.body."),
+        ("resnet50_dilated", "prior_extractor.body."),
+    ]  # ResNet-50 only
+    missing = official_required(state, backbones, OFFICIAL_NAMES)
     missing += [f"{h}.0.weight" for h in QG_HEADS if f"{h}.0.weight" not in state]
     _raise_unmapped("QGNet convert_official_state", missing, "(missing from the checkpoint)")
-    out, unmapped = {}, []
-    for key, value in state.items():
-        new = (
-            _backbone_to_ours(key, "", PSP_STEM, "backbone")
-            or _backbone_to_ours(key, "_unsuper", TV_STEM, "prior_extractor")
-            or _map_heads(key, to_ours=True)
-            or (key if key.split(".", 1)[0] in QG_HEADS else None)
-        )
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    _raise_unmapped("QGNet convert_official_state", unmapped, "(not a QGNet tensor)")
-    return out
+    return OFFICIAL_NAMES.to_ours(state)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_official_state`: this module's state dict -> the authors' names."""
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        new = (
-            _backbone_to_official(key, "backbone", PSP_STEM, "")
-            or _backbone_to_official(key, "prior_extractor", TV_STEM, "_unsuper")
-            or _map_heads(key, to_ours=False)
-            or (key if key.split(".", 1)[0] in QG_HEADS else None)
-        )
-        if new is None:
-            unmapped.append(key)
-        else:
-            out[new] = value
-    _raise_unmapped("QGNet to_official_state", unmapped, "(no official QGNet name)")
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)

@@ -26,7 +26,7 @@ Per episode:
 8. Training losses: CE(final) (lit) + `meta` CE(meta) + `base` CE(base, query_base_label) (no
    trainable part behind it: logged) + `aux` FEM inner CE + `triplet` (co-optimised hard triplet
    loss on the support and query APA prototypes, margin 0.5). In evaluation the meta logits go out
-   as `aux["logits/meta"]`, scored as `meta_miou`.
+   as `ExtraLogits({"meta": ...})` (methods/base.py), scored as `meta_miou`.
 
 `base_learner=null` is the documented ablation: the configured backbone (its own weights) and no
 base learner (base_fg = 0, so `cls_merge` sees only the meta background).
@@ -40,7 +40,6 @@ the region aggregation and the triplet loss: same sums, in another order).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,6 +51,7 @@ from fewshotseg.backbones import BlockFeatures, fuse_levels
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.errors import ConfigError
 from fewshotseg.methods import pspnet_base
+from fewshotseg.methods.base import ExtraLogits, Method, Stage
 from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.modules.projection import mid_projection
 from fewshotseg.ops.correlation import hyper_correlation
@@ -249,7 +249,35 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce / (target != IGNORE_INDEX).sum().clamp(min=1)
 
 
-class SymNet(nn.Module):
+# The authors' checkpoints (`model/SymNet.py`): the base learner's backbone as BAM's `layer0` (the
+# PSPNet stem Sequential) .. `layer4` and its PPM + classifier as `learner_base.0` / `.1` (as here),
+# the TDC as `hyper_final`, APA as `CrossAttention`, the FEM parts at the top level.
+OFFICIAL_NAMES = checkpoints.RenameTable(
+    "Sym-Net",
+    (
+        *checkpoints.resnet_renames(pspnet_base.BACKBONE_PREFIX, checkpoints.PSP_STEM),
+        ("learner_base.0.", "learner_base.0."),
+        ("learner_base.1.", "learner_base.1."),
+        ("hyper_final.conv1.", "tdc.proj4."),
+        ("hyper_final.conv2.", "tdc.proj3."),
+        ("hyper_final.conv3.", "tdc.proj2."),
+        ("hyper_final.merge1.", "tdc.merge1."),
+        ("hyper_final.merge2.", "tdc.merge2."),
+        ("CrossAttention.", "apa."),
+        *(
+            (f"{name}.", f"fem.{name}.")
+            for name in ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
+        ),
+        ("down_query.", "down_query."),
+        ("down_supp.", "down_supp."),
+        ("gram_merge.", "gram_merge."),
+        ("cls_merge.", "cls_merge."),
+        ("kshot_rw.", "kshot_rw."),
+    ),
+)
+
+
+class SymNet(Method):
     """Sym-Net.
 
     Args:
@@ -277,7 +305,17 @@ class SymNet(nn.Module):
             config says; None: True with a base learner (official), else the backbone config's.
     """
 
-    uses_class_id = True  # the class-name embedding: `predict` asks for class_name=
+    reads_class_names = True  # the class-name embedding: `predict` asks for class_name=
+    official_names = OFFICIAL_NAMES
+    # the fold's base learner: a `method=pspnet_base` checkpoint (or BAM's released best.pth)
+    stages = (
+        Stage(
+            module="learner_base",
+            restore={"base_learner": BASE_LEARNER_IN_STATE_DICT},
+            produced_by="fewshotseg.train",
+            load={"base_learner": "{path}"},
+        ),
+    )
 
     def __init__(
         self,
@@ -421,7 +459,7 @@ class SymNet(nn.Module):
         return torch.cat([self.cls_merge(torch.cat([meta_bg, base_fg], 1)), meta_fg], 1)
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor] | ExtraLogits]:
         query, supports, s_labels = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         B, K = supports.shape[:2]
         text = self.text_table[batch["class_id"]].to(query.dtype)  # [B, d]
@@ -493,7 +531,7 @@ class SymNet(nn.Module):
             s_mid_k = s_mid.view(B, K, *s_mid.shape[1:])
             aux["triplet"] = triplet_loss(s_apa, s_mid_k, shot_masks[:, :, 0], q_apa, hard, bg, self.margin)
         elif not self.training:
-            aux["logits/meta"] = meta
+            return logits, ExtraLogits({"meta": meta})
         return logits, aux
 
 
@@ -501,87 +539,14 @@ class SymNet(nn.Module):
 # The authors' checkpoints
 # ------------------------------------------------------------------------------------------------
 
-# official prefix -> ours (the backbone and the base learner's head go through pspnet_base)
-_RENAMES = [
-    ("hyper_final.conv1.", "tdc.proj4."),
-    ("hyper_final.conv2.", "tdc.proj3."),
-    ("hyper_final.conv3.", "tdc.proj2."),
-    ("hyper_final.merge1.", "tdc.merge1."),
-    ("hyper_final.merge2.", "tdc.merge2."),
-    ("CrossAttention.", "apa."),
-    *(
-        (f"{name}.", f"fem.{name}.")
-        for name in ("init_merge", "alpha_conv", "beta_conv", "inner_cls", "res1", "res2", "cls")
-    ),
-    ("down_query.", "down_query."),
-    ("down_supp.", "down_supp."),
-    ("gram_merge.", "gram_merge."),
-    ("cls_merge.", "cls_merge."),
-    ("kshot_rw.", "kshot_rw."),
-]
-_BASE_HEAD = re.compile(r"^learner_base\.([01])\.(.*)$")
-
 
 def convert_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The official SymNet state dict (train_epoch_*.pth; `module.` prefix and a `state_dict`
-    wrapper accepted) -> ours. The text table is not part of it (the official code reads
-    embeddings/*.pkl; give it as method.model.text_table)."""
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]
-    state = checkpoints.strip_prefix(state_dict)
-    out, psp, unmapped = {}, {}, []
-    for key, value in state.items():
-        if re.match(r"^layer[0-4]\.", key):
-            psp[key] = value
-            continue
-        head = _BASE_HEAD.match(key)
-        if head:
-            psp[("ppm." if head.group(1) == "0" else "cls.") + head.group(2)] = value
-            continue
-        for old, new in _RENAMES:
-            if key.startswith(old):
-                out[new + key[len(old) :]] = value
-                break
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise ConfigError(
-            f"Sym-Net state dict: {len(unmapped)} keys have no counterpart: {sorted(unmapped)[:20]}"
-        )
-    for key, value in pspnet_base.convert_official_state(psp).items():
-        if key.startswith("ppm."):
-            key = "learner_base.0." + key[len("ppm.") :]
-        elif key.startswith("cls."):
-            key = "learner_base.1." + key[len("cls.") :]
-        out[key] = value
-    return out
+    wrapper accepted) -> ours (`OFFICIAL_NAMES`). The text table is not part of it (the official
+    code reads embeddings/*.pkl; give it as method.model.text_table)."""
+    return OFFICIAL_NAMES.to_ours(state_dict)
 
 
 def to_official_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> the official SymNet names (the inverse of :func:`convert_official_state`)."""
-    out, psp, unmapped = {}, {}, []
-    for key, value in state_dict.items():
-        if key.startswith(pspnet_base.BACKBONE_PREFIX):
-            psp[key] = value
-            continue
-        if key.startswith("learner_base."):
-            head, rest = key[len("learner_base.") :].split(".", 1)
-            psp[("ppm." if head == "0" else "cls.") + rest] = value
-            continue
-        for old, new in _RENAMES:
-            if key.startswith(new):
-                out[old + key[len(new) :]] = value
-                break
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise ConfigError(f"SymNet state dict: keys with no official counterpart: {sorted(unmapped)[:20]}")
-    for key, value in pspnet_base.to_official_state(psp).items():
-        if key.startswith("encoder."):
-            continue  # BAM's duplicate registration; SymNet has layer0..4 only
-        if key.startswith("ppm."):
-            key = "learner_base.0." + key[len("ppm.") :]
-        elif key.startswith("cls."):
-            key = "learner_base.1." + key[len("cls.") :]
-        out[key] = value
-    return out
+    return OFFICIAL_NAMES.to_official(state_dict)

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -119,8 +119,7 @@ SYNTHETIC_CLASSES: tuple[str, ...] = tuple(_class_name(*row) for row in _CLASS_T
 NUM_CLASSES = len(SYNTHETIC_CLASSES)
 
 
-def _base_hsv(cls_index: int) -> tuple[float, float, float]:
-    _, _, hue, dark = _CLASS_TABLE[cls_index]
+def _base_hsv(hue: int, dark: bool) -> tuple[float, float, float]:
     s, v = _DARK_SV if dark else _BRIGHT_SV
     return HUES[hue][1] / 360.0, s, v
 
@@ -257,8 +256,8 @@ def _texture_pattern(
     raise ValueError(texture)
 
 
-def _ignore_band(label: np.ndarray) -> np.ndarray:
-    """Set to 255 every pixel whose 3x3 neighbourhood holds another label (a ~2 px band on outlines)."""
+def outline(label: np.ndarray) -> np.ndarray:
+    """True where a pixel's 3x3 neighbourhood holds another label (a ~2 px band on outlines)."""
     h, w = label.shape
     padded = np.pad(label, 1, mode="edge")
     edge = np.zeros(label.shape, dtype=bool)
@@ -267,8 +266,13 @@ def _ignore_band(label: np.ndarray) -> np.ndarray:
             if oy == 1 and ox == 1:
                 continue
             edge |= padded[oy : oy + h, ox : ox + w] != label
+    return edge
+
+
+def _ignore_band(label: np.ndarray) -> np.ndarray:
+    """Set to 255 every pixel of the outline band."""
     out = label.copy()
-    out[edge] = IGNORE_INDEX
+    out[outline(label)] = IGNORE_INDEX
     return out
 
 
@@ -281,21 +285,30 @@ def render_synthetic_sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one sample in memory: ``(image uint8 HxWx3, label uint8 HxW)`` exactly as written to disk
     (the image before JPEG compression)."""
-    size = int(image_size)
     rng = np.random.default_rng([int(seed), SPLIT_CODES[split], int(index)])
+    image, label = render_objects(rng, int(image_size), _CLASS_TABLE)
+    return image, _ignore_band(label.astype(np.uint8))
+
+
+def render_objects(
+    rng: np.random.Generator, size: int, table: tuple[tuple[int, int, int, bool], ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """1 to 3 objects of distinct categories of `table` (rows: shape, texture, hue family, dark) on a
+    background: ``(image uint8 HxWx3, label int64 HxW)``, label = row index + 1, 0 background, no
+    ignore band yet. The benchmark draws from its 20 classes, the pre-training corpus from all 1200."""
     coords = np.arange(size) + 0.5  # pixel centres
     img = _background(rng, size)
-    label = np.zeros((size, size), dtype=np.uint8)
+    label = np.zeros((size, size), dtype=np.int64)
     npix = size * size
     min_area = 0.035 * npix  # in-image area of a new object, and visible area an earlier one must keep
 
     n_obj = _num_objects(rng)
-    classes = rng.choice(NUM_CLASSES, size=n_obj, replace=False)
+    classes = rng.choice(len(table), size=n_obj, replace=False)
     owners = np.full((size, size), -1, dtype=np.int64)  # which placed object owns each pixel
     own_areas: list[int] = []
     visible: list[int] = []
     for cls in classes:
-        shape, texture, _, dark = _CLASS_TABLE[int(cls)]
+        shape, texture, hue_family, dark = table[int(cls)]
         placed = False
         for _attempt in range(30):
             area_frac = float(np.exp(rng.uniform(np.log(0.04), np.log(0.30))))
@@ -330,7 +343,7 @@ def render_synthetic_sample(
             continue
 
         # colour: class base colour with per-object jitter in hue / saturation / brightness
-        h, sat, val = _base_hsv(int(cls))
+        h, sat, val = _base_hsv(hue_family, dark)
         h += rng.uniform(-0.014, 0.014)
         sat *= rng.uniform(0.9, 1.05)
         val *= rng.uniform(0.86, 1.1)
@@ -349,7 +362,7 @@ def render_synthetic_sample(
 
     img += rng.standard_normal(size=img.shape, dtype=np.float32) * 0.012  # sensor-like noise
     image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    return image, _ignore_band(label)
+    return image, label
 
 
 def _write_chunk(out_dir: str, seed: int, split: str, start: int, stop: int, image_size: int) -> int:
@@ -382,17 +395,17 @@ def _params(seed: int, num_train: int, num_val: int, image_size: int) -> dict:
     }
 
 
-def _read_marker(root: pathlib.Path) -> dict | None:
+def _read_marker(root: pathlib.Path, marker: str = MARKER) -> dict | None:
     try:
-        with open(root / MARKER, encoding="utf-8") as f:
+        with open(root / marker, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _matches(root: pathlib.Path, params: dict) -> bool:
-    data = _read_marker(root)
+def _matches(root: pathlib.Path, params: dict, marker: str = MARKER) -> bool:
+    data = _read_marker(root, marker)
     return data is not None and all(data.get(k) == v for k, v in params.items())
 
 
@@ -457,7 +470,9 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink()
 
 
-def _install(tmp: pathlib.Path, root: pathlib.Path, params: dict) -> None:
+def _install(
+    tmp: pathlib.Path, root: pathlib.Path, params: dict, marker: str, managed: tuple[str, ...]
+) -> None:
     """Move the finished build ``tmp`` into ``root``; the marker is always the last thing to appear."""
     if not root.exists():
         try:
@@ -467,18 +482,53 @@ def _install(tmp: pathlib.Path, root: pathlib.Path, params: dict) -> None:
             if not root.exists():
                 raise
             # another process created root meanwhile
-            if _matches(root, params):
+            if _matches(root, params, marker):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
     # root exists (empty, stale synthetic data, or another process' older parameters): swap entries
     (root / _INCOMPLETE).touch()
-    _remove(root / MARKER)
-    for name in _MANAGED:
+    _remove(root / marker)
+    for name in managed:
         _remove(root / name)
         os.replace(tmp / name, root / name)
-    os.replace(tmp / MARKER, root / MARKER)
+    os.replace(tmp / marker, root / marker)
     _remove(root / _INCOMPLETE)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(
+    root: pathlib.Path,
+    params: dict,
+    build: Callable[[pathlib.Path], None],
+    *,
+    marker: str = MARKER,
+    managed: tuple[str, ...] = _MANAGED,
+    what: str = "synthetic data",
+) -> bool:
+    """Run `build(tmp)` in a temporary sibling of `root` and move the result into `root`, unless
+    `root/marker` already records `params`. Under an inter-process lock, so concurrent callers (DDP
+    ranks, two runs) build once and never see a half-written folder marked complete. `build` writes
+    the `managed` entries and, last, `marker`. Returns True when it built."""
+    if _matches(root, params, marker):
+        return False
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+        if _matches(root, params, marker):  # another process finished it while we waited
+            return False
+        if root.exists() and not (root / marker).exists() and not (root / _INCOMPLETE).exists():
+            clash = [name for name in managed if (root / name).exists()]
+            if clash:
+                raise FileExistsError(
+                    f"{root} holds {clash} but no {marker}: refusing to overwrite what is not {what}"
+                )
+        tmp = root.parent / f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            build(tmp)
+            _install(tmp, root, params, marker, managed)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def generate_synthetic(
@@ -505,23 +555,10 @@ def generate_synthetic(
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     params = _params(seed, num_train, num_val, image_size)
-    if _matches(root, params):
-        return given
+    workers = _default_workers() if num_workers is None else int(num_workers)
+    t0 = time.perf_counter()
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
-        if _matches(root, params):  # another process finished it while we waited
-            return given
-        if root.exists() and not (root / MARKER).exists() and not (root / _INCOMPLETE).exists():
-            clash = [name for name in _MANAGED if (root / name).exists()]
-            if clash:
-                raise FileExistsError(
-                    f"{root} holds {clash} but no {MARKER}: refusing to overwrite what is not a "
-                    "synthetic benchmark"
-                )
-        workers = _default_workers() if num_workers is None else int(num_workers)
-        tmp = root.parent / f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        t0 = time.perf_counter()
+    def build(tmp: pathlib.Path) -> None:
         log.info(
             "Generating synthetic few-shot benchmark (%d train + %d val, %d px, %d workers) in %s",
             num_train,
@@ -530,11 +567,8 @@ def generate_synthetic(
             max(workers, 1),
             root,
         )
-        try:
-            _build(tmp, params, workers)
-            _install(tmp, root, params)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        _build(tmp, params, workers)
+
+    if build_once(root, params, build, what="a synthetic benchmark"):
         log.info("Synthetic benchmark ready in %.1fs", time.perf_counter() - t0)
     return given
