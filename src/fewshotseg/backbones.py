@@ -360,6 +360,9 @@ class Backbone(nn.Module):
         if channels_last and frozen:  # never backpropagated: channels_last weights too
             self.body.to(memory_format=torch.channels_last)
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.body.modules())
+        # bn_mode=eval must hold from construction: Lightning does not call .train() before fitting,
+        # and restores per-module modes after validation, so the override below alone is not enough.
+        self.train(self.training)
         if frozen:
             self.body.requires_grad_(False)
             if not weights and not pretrained and next(self.body.parameters()).device.type != "meta":

@@ -38,7 +38,10 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(module.config)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    if any(p.requires_grad for p in module.parameters()):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    else:  # a training-free method, or every weight frozen (PANet on a frozen backbone)
+        log.warning("%s has no trainable parameter: nothing to fit, testing it as built", cfg.method.model._target_)
     results: dict = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
