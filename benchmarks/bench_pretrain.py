@@ -1,7 +1,7 @@
 """QGNet stage-1 pre-training throughput (`python -m fewshotseg.pretrain`), in images/s (one image =
 its two views): the data pipeline (superpixels, views) and the training step (query forward and
 backward, momentum encoder, both InfoNCE terms) for the synthetic preset's ResNet-18 at 112 px and
-the spec's resnet50_dilated at 224 px.
+the paper's resnet50_dilated at 224 px.
 
     python benchmarks/bench.py --only pretrain [--device cuda] [--quick]
 """

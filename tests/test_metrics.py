@@ -6,7 +6,7 @@ from fewshotseg.metrics import FewShotIoU
 
 
 def reference(preds, targets, classes, num_classes):
-    """Straight from protocol.md §2 with numpy, one episode at a time."""
+    """The FB-IoU / mIoU definitions of docs/protocols.md with numpy, one episode at a time."""
     inter, union = np.zeros(num_classes), np.zeros(num_classes)
     seen = np.zeros(num_classes, bool)
     fb_i, fb_u = np.zeros(2), np.zeros(2)

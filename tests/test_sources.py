@@ -79,7 +79,7 @@ def datamodule(root, source, fold=0, shot=1, protocol="pfenet", workers=0, **kwa
     return dm
 
 
-# --- fold class lists (protocol.md §4) -------------------------------------------------------------
+# --- fold class lists (docs/protocols.md) -------------------------------------------------------------
 @pytest.mark.parametrize("fold", range(4))
 def test_pascal_fold_lists_match_protocol(fold):
     source = PascalVOC("/unused")

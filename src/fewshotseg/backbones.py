@@ -54,8 +54,7 @@ PSP_DILATION = {"layer3": 2, "layer4": 4}
 
 # PSPNet stem names -> timm deep-stem names (docs/contributing.md); `layer0.i` is the stem as the
 # PFENet/ASGNet models wrap it (Sequential conv1, bn1, relu1, conv2, bn2, relu2, conv3, bn3, ...).
-# PSPNet's own stem names (hszhao/semseg's resnet*_v2.pth) -> timm's deep-stem names (docs/contributing.md
-# §7.1); `layer0.i` is the stem as the PFENet/ASGNet models wrap it (checkpoints.PSP_STEM).
+# PSPNet's own stem names (hszhao/semseg's resnet*_v2.pth) -> timm's deep-stem names (docs/contributing.md); `layer0.i` is the stem as the PFENet/ASGNet models wrap it (checkpoints.PSP_STEM).
 _PSP_STEM = {
     "conv1": "conv1.0",
     "bn1": "conv1.1",

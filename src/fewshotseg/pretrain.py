@@ -1,7 +1,7 @@
 """Stage 1 of QGNet: global-local contrastive pre-training of the prior extractor, then its export.
 
 python -m fewshotseg.pretrain data=pascal fold=0                     # trains, then exports the key encoder
-python -m fewshotseg.pretrain pretrain/experiment=pascal_r50 fold=0  # the spec's full setting
+python -m fewshotseg.pretrain pretrain/experiment=pascal_r50 fold=0  # the paper's full setting
 python -m fewshotseg.pretrain ckpt_path=logs/pretrain/runs/<run>/checkpoints/last.ckpt   # resume
 python -m fewshotseg.pretrain export=logs/pretrain/runs/<run>/checkpoints/last.ckpt      # export only
 

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from fewshotseg.data.sources.synthetic_gen import voc_palette
 
-# protocol.md §4.1 and §4.2, transcribed row by row.
+# The fold class lists of PFENet's and HSNet's code (docs/protocols.md), transcribed row by row.
 PASCAL_FOLDS = """
 | 0 | 1 aeroplane, 2 bicycle, 3 bird, 4 boat, 5 bottle |
 | 1 | 6 bus, 7 car, 8 cat, 9 chair, 10 cow |

@@ -92,7 +92,7 @@ class MSFConfig:
 @dataclasses.dataclass(frozen=True)
 class AuxConfig:
     """enabled: the support-by-Pq branch in training (its weight is `aux_weights.cycle` in the
-    method config, the spec's aux.cycle_weight); scale: the cosine scale (PANet's 20)."""
+    method config); scale: the cosine scale (PANet's 20)."""
 
     enabled: bool = True
     scale: float = 20.0

@@ -24,7 +24,7 @@ from fewshotseg.ops.prototypes import cosine_logits, masked_average_pool
 
 # The authors' checkpoints: PANet's sacred snapshots (`torch.save(model.state_dict())` of a
 # DataParallel `FewShotSeg`) hold only the encoder: `module.encoder.backbone.features.{2*block}.
-# {2*conv}.{weight,bias}` (docs/methods/panet.md §1). Here the encoder is `backbone.body`: VGG-16
+# {2*conv}.{weight,bias}` (docs/methods/panet.md). Here the encoder is `backbone.body`: VGG-16
 # with torchvision's flat `features.N` indices. Another backbone keeps its own names under
 # `encoder.backbone.` (where PANet's code would hold it).
 def _vgg_renames() -> tuple[tuple[str, str], ...]:

@@ -30,8 +30,8 @@ The prior extractor (`prior_extractor` options):
   train mode, so the statistics drift during FSS training: `bn_mode: train` reproduces that. The
   default is a documented deviation (docs/methods/qgnet.md).
 
-Only the self-correspondence map of the released code is implemented (`prior.mode: self_corr` of
-docs/methods/qgnet.md); the "prior bank" reading of the paper is not.
+Only the self-correspondence map of the released code is implemented (docs/methods/qgnet.md);
+the "prior bank" reading of the paper is not.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Parameter-free operations of ASGNet (Li et al., CVPR 2021; official code
 github.com/Reagan1311/ASGNet at cd898c5, ``util/seed_init.py`` and ``model/asgnet.py``).
-This is an independent re-implementation written from the project specification (ASGNet
-sections 2-4); it reproduces the official results up to float rounding except in the places
+This is an independent re-implementation, written from the paper and a reading of that code; it
+reproduces the official results up to float rounding except in the places
 listed below.
 
 Pipeline
