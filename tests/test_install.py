@@ -20,6 +20,7 @@ SCRIPTS = [
     "fewshotseg-predict",
     "fewshotseg-report",
     "fewshotseg-pretrain",
+    "fewshotseg-pretrain-backbone",
 ]
 
 
