@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from fewshotseg.backbones import Backbone
@@ -163,3 +164,29 @@ def test_file_loads_into_every_method_and_a_frozen_backbone_stays_unchanged(
         assert not changed, changed[:5]
     else:  # a stage that fine-tunes its backbone (BAM's base learner) started from the file
         assert changed
+
+
+REGIMES = sorted((Path(CONFIG_DIR) / "regime").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", REGIMES, ids=lambda p: p.stem)
+def test_a_regime_preset_is_what_method_and_backbone_select(path):
+    """`method=<m> backbone=<b>` alone picks conf/regime/<m>_<b>.yaml: every value the file sets is
+    in the composed config (read from the YAML itself, not from the composition)."""
+    names = [b.stem for b in (Path(CONFIG_DIR) / "backbone").glob("*.yaml") if path.stem.endswith(f"_{b.stem}")]
+    backbone = max(names, key=len)
+    method = path.stem[: -len(backbone) - 1]
+    cfg = compose_config("train", [f"method={method}", f"backbone={backbone}"])
+    regime = OmegaConf.load(path)
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, DictConfig):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in leaves(regime):
+        assert OmegaConf.select(cfg, key) == value, key
+    if cfg.method.model.backbone.frozen:  # a learned decoder on the frozen backbone: the regime's data rule
+        assert cfg.data.exclude_novel_in_train is True
