@@ -173,7 +173,9 @@ REGIMES = sorted((Path(CONFIG_DIR) / "regime").glob("*.yaml"))
 def test_a_regime_preset_is_what_method_and_backbone_select(path):
     """`method=<m> backbone=<b>` alone picks conf/regime/<m>_<b>.yaml: every value the file sets is
     in the composed config (read from the YAML itself, not from the composition)."""
-    names = [b.stem for b in (Path(CONFIG_DIR) / "backbone").glob("*.yaml") if path.stem.endswith(f"_{b.stem}")]
+    names = [
+        b.stem for b in (Path(CONFIG_DIR) / "backbone").glob("*.yaml") if path.stem.endswith(f"_{b.stem}")
+    ]
     backbone = max(names, key=len)
     method = path.stem[: -len(backbone) - 1]
     cfg = compose_config("train", [f"method={method}", f"backbone={backbone}"])
