@@ -446,7 +446,7 @@ class Backbone(nn.Module):
             )
         if torch.is_grad_enabled() and self.channels_last:  # heads that backpropagate get NCHW maps
             return {level: f.contiguous() for level, f in self._forward(x, levels).items()}
-        if self.feature_cache is not None:  # an image seen before: its kept maps
+        if self.feature_cache is not None and not torch.is_grad_enabled():  # images seen before: kept maps
             return self.feature_cache.rows(
                 self, x, levels, lambda images: self._forward(images, levels), self._map_format
             )

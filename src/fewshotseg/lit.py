@@ -90,6 +90,14 @@ class FewShotSegModule(LightningModule):
         if self._reused:
             self.feature_cache.begin(self._reused)
 
+    def feature_reuse_summary(self) -> str:
+        """The line a run prints: the cache's hits, or why nothing was reused."""
+        if self.feature_cache is None:
+            return "feature reuse: off (feature_reuse.enabled=false)"
+        if not self._reused and not self.feature_cache.hits + self.feature_cache.misses:
+            return "feature reuse: off (no frozen backbone, or a random test transform)"
+        return self.feature_cache.summary()
+
     def on_validation_epoch_start(self) -> None:
         self._begin_reuse()
 
