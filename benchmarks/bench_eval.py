@@ -105,6 +105,7 @@ def evaluation(args) -> list[dict]:
             n = len(SEEDS) * episodes
             rows.append({"name": f"{tag}, reuse {'on' if reuse else 'off'}", "value": n / wall[reuse],
                          "unit": "episodes/s", "wall_s": wall[reuse]})  # fmt: skip
+            print(f"    {rows[-1]['name']}: {wall[reuse]:.1f} s", flush=True)  # survives an interrupted run
         cache = module.feature_cache
         same = all(torch.equal(a, b) for a, b in zip(states[False], states[True], strict=True))
         rows += [

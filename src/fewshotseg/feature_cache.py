@@ -144,7 +144,8 @@ class FeatureCache:
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> Maps:
         scope = (id(owner), _autocast_state(images.device.type))
-        keys = [(scope, image_digest(image)) for image in images]
+        host = images.detach().cpu()  # one device-to-host copy for the batch's digests
+        keys = [(scope, image_digest(image)) for image in host]
         stored = [all((key, name) in self.store for name in names) for key in keys]
         missing = [i for i, hit in enumerate(stored) if not hit]
         self.hits += len(keys) - len(missing)
