@@ -1,7 +1,7 @@
 """Feature reuse in evaluation (feature_cache.py) and batched testing: the metric states with reuse
 on equal those with reuse off, bit for bit, for every method on a frozen backbone; a trainable
 backbone or a random test transform reuses nothing; the memory bound evicts and recomputes; the
-PFENet protocol's batched test equals its one-episode-at-a-time test."""
+PFENet protocol's batched test gives the metric states of its one-episode-at-a-time test."""
 
 from __future__ import annotations
 
@@ -94,12 +94,18 @@ def states_of(datamodule, module, seeds=(0, 1)) -> list[dict]:
     return keep.states
 
 
-def assert_same(a: list[dict], b: list[dict]) -> None:
+def assert_same(a: list[dict], b: list[dict], exact_logits: bool = True) -> None:
+    """Identical metric states; logits identical, or (batch sizes compared) equal up to float
+    rounding: the heads' convolutions may round differently for another batch size."""
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x["episodes"].sum() > 0
-        for key in (*STATES, "logits"):
+        for key in STATES:
             assert torch.equal(x[key], y[key]), key
+        if exact_logits:
+            assert torch.equal(x["logits"], y["logits"])
+        else:
+            torch.testing.assert_close(x["logits"], y["logits"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -161,7 +167,7 @@ def test_batched_pfenet_protocol_test_equals_one_episode_at_a_time(tmp_path, voc
         module.set_feature_reuse({"enabled": False})
         assert datamodule.eval_resolution == "original" and module.eval_resolution is None
         states.append(states_of(datamodule, module, seeds=(0,)))
-    assert_same(*states)
+    assert_same(*states, exact_logits=False)
 
 
 # --- the cache itself -------------------------------------------------------------------------------
