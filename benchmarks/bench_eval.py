@@ -2,9 +2,9 @@
 Trainer, 5 seeds of N fixed test episodes each, the seeds sharing the cache) on a generated
 PASCAL-layout fold (tests/helpers/sources.py: 45 val images, fold 0 = 15 query images), for PANet
 (vgg16_panet) and PFENet, ASGNet and Sym-Net (resnet50_psp), every backbone frozen with random
-weights, the PFENet protocol (pad to `--eval-size`, scored at the label size). Off and on run one
-after the other in one process, so their ratio sees the same machine load; the metric states must
-be identical (checked here too). Plus a PFENet training run with validation every epoch: the share
+weights, the PFENet protocol (pad to `--eval-size`, scored at the label size). Off and on alternate
+seed by seed in one process, so their ratio sees the same machine load; the metric states must be
+identical (checked here too). Plus a PFENet training run with validation every epoch: the share
 of the wall time spent validating, reuse off and on.
 
     python benchmarks/bench.py --only eval [--quick] [--eval-size 473] [--eval-episodes 45]
@@ -72,16 +72,25 @@ class _States(Callback):
         self.states.append(torch.cat([iou.intersection, iou.union, iou.fb_intersection, iou.fb_union]).clone())
 
 
-def _evaluate(datamodule, module, device) -> tuple[float, list[torch.Tensor]]:
-    """Wall seconds of the 5-seed test loops (as `evaluate` runs them) and each seed's states."""
-    keep = _States()
-    trainer = Trainer(accelerator=device.type, devices=1, logger=False, callbacks=[keep],
-                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    start = time.perf_counter()
+def _evaluate(datamodule, module, device) -> tuple[dict, dict]:
+    """Wall seconds and each seed's metric states of the 5-seed test loops (as `evaluate` runs them),
+    reuse off and on. Off and on alternate seed by seed, so both see the same machine load; the on
+    runs share one cache across seeds, as one `evaluate` call does."""
+    keep = {False: _States(), True: _States()}
+    trainers = {reuse: Trainer(accelerator=device.type, devices=1, logger=False, callbacks=[keep[reuse]],
+                               enable_progress_bar=False, enable_model_summary=False)
+                for reuse in (False, True)}  # fmt: skip
+    module.set_feature_reuse({"enabled": True})
+    cache, wall = module.feature_cache, {False: 0.0, True: 0.0}
     for seed in SEEDS:
         datamodule.test_seed = seed
-        trainer.test(module, datamodule=datamodule, verbose=False)
-    return time.perf_counter() - start, keep.states
+        for reuse in (False, True):
+            module.feature_cache = cache if reuse else None
+            start = time.perf_counter()
+            trainers[reuse].test(module, datamodule=datamodule, verbose=False)
+            wall[reuse] += time.perf_counter() - start
+    module.feature_cache = cache
+    return wall, {reuse: k.states for reuse, k in keep.items()}
 
 
 @section("eval")
@@ -98,10 +107,8 @@ def evaluation(args) -> list[dict]:
         torch.manual_seed(0)
         datamodule, module = build_run(cfg)
         tag = f"{method} ({cfg.backbone.name}, {size} px, 1-shot, {len(SEEDS)} seeds x {episodes}, batch {batch})"
-        wall, states = {}, {}
+        wall, states = _evaluate(datamodule, module, args.device)
         for reuse in (False, True):
-            module.set_feature_reuse({"enabled": reuse})
-            wall[reuse], states[reuse] = _evaluate(datamodule, module, args.device)
             n = len(SEEDS) * episodes
             rows.append({"name": f"{tag}, reuse {'on' if reuse else 'off'}", "value": n / wall[reuse],
                          "unit": "episodes/s", "wall_s": wall[reuse]})  # fmt: skip

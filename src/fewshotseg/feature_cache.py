@@ -19,7 +19,7 @@ on the other images of its batch: true for a frozen backbone in eval mode (Batch
 statistics), and bit-exact on CPU (tests/test_feature_cache.py); on a GPU, convolution algorithms
 chosen per batch size may differ in the last bit. `FeatureCache.begin` drops every entry when the
 backbone's weights or buffers changed (a checkpoint loaded, BatchNorm statistics that drifted in
-training), checked by a digest of its state.
+training), seen by the tensors' in-place version counters.
 
 The store is bounded (`max_gb`), least recently used entries go first, and it counts hits and
 misses per image; `summary()` is the line the run prints. It lives in the process that computes
@@ -60,14 +60,12 @@ def image_digest(image: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def state_digest(module: nn.Module) -> bytes:
-    """Digest of every parameter and buffer of `module`: changes when its weights or BatchNorm
-    statistics do."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        h.update(name.encode())
-        h.update(_bytes_view(t))
-    return h.digest()
+def state_version(module: nn.Module) -> tuple:
+    """Identity and in-place version counter of every parameter and buffer of `module`: changes
+    when its weights or BatchNorm statistics do (an optimiser step, a running-statistics update,
+    `load_state_dict`, any in-place write bumps the counter; replaced data has another address).
+    As cheap as a look at each tensor, unlike a digest of its contents."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in [*module.parameters(), *module.buffers()])
 
 
 def default_max_gb(device: torch.device | str | None = None) -> float:
@@ -101,7 +99,7 @@ class FeatureCache:
         self.bytes = 0
         self.peak_bytes = 0
         self.hits = self.misses = self.evictions = 0
-        self._states: dict[int, bytes] = {}
+        self._states: dict[int, tuple] = {}
 
     # --- lifetime --------------------------------------------------------------------------------
     def max_bytes(self, device: torch.device | str | None = None) -> int:
@@ -110,7 +108,7 @@ class FeatureCache:
 
     def begin(self, backbones: Iterable[nn.Module]) -> None:
         """Before an evaluation loop: drop everything if a backbone's state changed since the last."""
-        states = {id(bb): state_digest(bb) for bb in backbones}
+        states = {id(bb): state_version(bb) for bb in backbones}
         if states != self._states:
             self.clear()
             self._states = states
