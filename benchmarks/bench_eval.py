@@ -69,7 +69,9 @@ class _States(Callback):
 
     def on_test_epoch_end(self, trainer, module):
         iou = module.test_iou
-        self.states.append(torch.cat([iou.intersection, iou.union, iou.fb_intersection, iou.fb_union]).clone())
+        self.states.append(
+            torch.cat([iou.intersection, iou.union, iou.fb_intersection, iou.fb_union]).clone()
+        )
 
 
 def _evaluate(datamodule, module, device) -> tuple[dict, dict]:

@@ -82,7 +82,9 @@ class KeepStates(Callback):
 
 def states_of(datamodule, module, seeds=(0, 1)) -> list[dict]:
     keep = KeepStates()
-    handle = module.method.register_forward_hook(lambda m, args, out: setattr(keep, "last_logits", out[0].clone()))
+    handle = module.method.register_forward_hook(
+        lambda m, args, out: setattr(keep, "last_logits", out[0].clone())
+    )
     trainer = Trainer(accelerator="cpu", logger=False, callbacks=[keep], enable_progress_bar=False,
                       enable_model_summary=False)  # fmt: skip
     try:
@@ -130,7 +132,9 @@ def test_a_trainable_backbone_reuses_nothing(tmp_path, voc_root, text_table):
 
 def test_a_random_test_transform_reuses_nothing(tmp_path, voc_root):
     assert is_deterministic(pad_transform(41)) and is_deterministic(resize_transform(41))
-    assert not is_deterministic(resize_transform(41, flip_p=0.5)) and not is_deterministic(train_transform(41))
+    assert not is_deterministic(resize_transform(41, flip_p=0.5)) and not is_deterministic(
+        train_transform(41)
+    )
     assert not is_deterministic(None)
     datamodule, module = build(tmp_path, voc_root, ["method=pfenet"])
     datamodule.test_transform = resize_transform(41, flip_p=0.5)
@@ -162,7 +166,9 @@ def test_batched_pfenet_protocol_test_equals_one_episode_at_a_time(tmp_path, voc
     states = []
     for batch_size in (1, 4):
         datamodule, module = build(
-            tmp_path / str(batch_size), voc_root, [*method_overrides(method, text_table), f"data.test_batch_size={batch_size}"]
+            tmp_path / str(batch_size),
+            voc_root,
+            [*method_overrides(method, text_table), f"data.test_batch_size={batch_size}"],
         )
         module.set_feature_reuse({"enabled": False})
         assert datamodule.eval_resolution == "original" and module.eval_resolution is None
@@ -208,7 +214,11 @@ def test_backbone_maps_from_the_cache_equal_a_fresh_pass():
     assert cache.hits == 4 + 2  # `again`, and the block pass over rows 0, 1
     for maps in (mixed, again, feats):
         assert all(torch.equal(maps[level], fresh[level]) for level in fresh)
-    assert all(torch.equal(a, b) for level in fresh_blocks for a, b in zip(block_maps[level], fresh_blocks[level], strict=True))
+    assert all(
+        torch.equal(a, b)
+        for level in fresh_blocks
+        for a, b in zip(block_maps[level], fresh_blocks[level], strict=True)
+    )
     assert again[3].is_contiguous(memory_format=torch.channels_last)  # the fresh pass's format
 
 

@@ -93,7 +93,9 @@ class FeatureCache:
 
     def __init__(self, max_gb: float | None = None):
         if max_gb is not None and float(max_gb) < 0:
-            raise ConfigError(f"feature_reuse.max_gb={max_gb}: expected a size in GB >= 0 (or null: the default)")
+            raise ConfigError(
+                f"feature_reuse.max_gb={max_gb}: expected a size in GB >= 0 (or null: the default)"
+            )
         self.max_gb = None if max_gb is None else float(max_gb)
         self.store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.bytes = 0
@@ -149,7 +151,9 @@ class FeatureCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         # the hits are taken before storing the misses, which may evict some of them
-        kept = {(i, name): self._get((key, name)) for i, key in enumerate(keys) if stored[i] for name in names}
+        kept = {
+            (i, name): self._get((key, name)) for i, key in enumerate(keys) if stored[i] for name in names
+        }
         computed = compute(images[missing] if len(missing) < len(keys) else images) if missing else {}
         for j, i in enumerate(missing):
             for name in names:

@@ -85,7 +85,9 @@ class FewShotSegModule(LightningModule):
         """At the start of an evaluation loop: reuse where it is exact (frozen backbone,
         deterministic test transform), after dropping maps of a changed backbone state."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        exact = self.feature_cache is not None and is_deterministic(getattr(datamodule, "test_transform", None))
+        exact = self.feature_cache is not None and is_deterministic(
+            getattr(datamodule, "test_transform", None)
+        )
         self._reused = frozen_backbones(self.method) if exact else []
         if self._reused:
             self.feature_cache.begin(self._reused)
