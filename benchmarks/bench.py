@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None, help="where to generate data (default: a temp dir)")
     parser.add_argument("--out", default="bench_results/bench.json")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    parser.add_argument(
+        "--eval-size", type=int, default=None, help="section eval: test size in px (default 121)"
+    )
+    parser.add_argument(
+        "--eval-episodes", type=int, default=None, help="section eval: episodes per seed (default 45)"
+    )
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     here = Path(__file__).parent

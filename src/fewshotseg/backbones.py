@@ -356,6 +356,8 @@ class Backbone(nn.Module):
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
+        # set during evaluation while this frozen backbone's maps may be reused (feature_cache.py)
+        self.feature_cache = None
         if channels_last and frozen:  # never backpropagated: channels_last weights too
             self.body.to(memory_format=torch.channels_last)
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.body.modules())
@@ -444,7 +446,16 @@ class Backbone(nn.Module):
             )
         if torch.is_grad_enabled() and self.channels_last:  # heads that backpropagate get NCHW maps
             return {level: f.contiguous() for level, f in self._forward(x, levels).items()}
+        if self.feature_cache is not None and not torch.is_grad_enabled():  # images seen before: kept maps
+            return self.feature_cache.rows(
+                self, x, levels, lambda images: self._forward(images, levels), self._map_format
+            )
         return self._forward(x, levels)
+
+    @property
+    def _map_format(self) -> torch.memory_format:
+        """The memory format of the maps of a no-gradient pass."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def _forward(self, x: torch.Tensor, levels) -> dict[int, torch.Tensor]:
         with self._grad():
@@ -571,6 +582,30 @@ class BlockFeatures:
         return taps
 
     def __call__(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
+        cache = self.backbone.feature_cache
+        if cache is None or torch.is_grad_enabled():
+            return self._tapped(x)
+        # the backbone's cache holds the block maps too (a kept pass runs no module, fires no tap)
+        levels = self.backbone.levels
+        names = [*levels, *((level, i) for level, n in self.counts.items() for i in range(n))]
+
+        def compute(images):
+            feats, blocks = self._tapped(images)
+            return {**feats, **{(level, i): m for level, maps in blocks.items() for i, m in enumerate(maps)}}
+
+        maps = cache.rows(self.backbone, x, names, compute, self.backbone._map_format)
+        feats = {level: maps[level] for level in levels}
+        return feats, {level: [maps[level, i] for i in range(n)] for level, n in self.counts.items()}
+
+    def _tapped(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
+        """One backbone pass (the cache aside) with the block taps."""
+        cache, self.backbone.feature_cache = self.backbone.feature_cache, None
+        try:
+            return self._tap_pass(x)
+        finally:
+            self.backbone.feature_cache = cache
+
+    def _tap_pass(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, list[torch.Tensor]]]:
         blocks: dict[int, list[torch.Tensor]] = {level: [] for level in self.levels}
 
         def keep_input(level):  # the input of a ResNet block's last ReLU: bn3 + shortcut

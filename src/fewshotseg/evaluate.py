@@ -9,7 +9,8 @@ given here override the stored ones). `weights=` evaluates the authors' released
 run is composed as `train` would compose it and the file is mapped onto the method by the rename
 table its contract declares (`official_names`, methods/base.py). Prints IoU per class and seed,
 then mIoU and FB-IoU as mean +- std over the seeds, and writes them to results.json in the run
-folder (the format `train` writes too).
+folder (the format `train` writes too). The seeds share one feature cache: a frozen backbone runs
+once per image of the fold (`feature_reuse`, docs/benchmarks.md; its hit rate is printed).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from fewshotseg.runs import load_model, load_run  # noqa: F401 - load_run re-exp
 
 def evaluate(cfg: DictConfig) -> dict:
     run_cfg, datamodule, module = load_model(cfg)
+    module.set_feature_reuse(cfg.get("feature_reuse"))  # one cache for every seed of this call
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     runs = {}
     for seed in cfg.seeds:
         datamodule.test_seed = int(seed)
         trainer.test(module, datamodule=datamodule, verbose=False)
         runs[int(seed)] = module.test_results
+    print(module.feature_reuse_summary())  # per rank
     if not trainer.is_global_zero:
         return {}
     summary = summarise(runs)

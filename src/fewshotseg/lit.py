@@ -8,7 +8,7 @@ there is the effective one (no hidden multipliers). Metrics are FewShotIoU (sum 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.errors import ConfigError
+from fewshotseg.feature_cache import FeatureCache, frozen_backbones, is_deterministic, reusing
 from fewshotseg.methods.base import ExtraLogits
 from fewshotseg.metrics import FewShotIoU
 
@@ -47,6 +48,7 @@ class FewShotSegModule(LightningModule):
         class_names: list[str] | None = None,
         eval_resolution: str | None = "input",
         config: dict | None = None,
+        feature_reuse: Mapping | None = None,
     ):
         super().__init__()
         if eval_resolution not in (None, *EVAL_RESOLUTIONS):
@@ -65,6 +67,44 @@ class FewShotSegModule(LightningModule):
         # meta-learner-only output): one more FewShotIoU each, made on first sight
         self.extra_iou = nn.ModuleDict()
         self.test_results: dict = {}
+        self.set_feature_reuse(feature_reuse)
+
+    def set_feature_reuse(self, settings: Mapping | None = None) -> None:
+        """Evaluation reuses a frozen backbone's maps of an image seen before (feature_cache.py):
+        settings {enabled: true, max_gb: null (the default bound)}; the cache lives as long as the
+        module (validations of a run, seeds of one `evaluate`)."""
+        settings = dict(settings or {})
+        unknown = set(settings) - {"enabled", "max_gb"}
+        if unknown:
+            raise ConfigError(f"feature_reuse: unknown key(s) {sorted(unknown)}: expected enabled, max_gb")
+        enabled = bool(settings.get("enabled", True))
+        self.feature_cache = FeatureCache(settings.get("max_gb")) if enabled else None
+        self._reused: list = []  # the backbones served from the cache in this evaluation loop
+
+    def _begin_reuse(self) -> None:
+        """At the start of an evaluation loop: reuse where it is exact (frozen backbone,
+        deterministic test transform), after dropping maps of a changed backbone state."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        exact = self.feature_cache is not None and is_deterministic(
+            getattr(datamodule, "test_transform", None)
+        )
+        self._reused = frozen_backbones(self.method) if exact else []
+        if self._reused:
+            self.feature_cache.begin(self._reused)
+
+    def feature_reuse_summary(self) -> str:
+        """The line a run prints: the cache's hits, or why nothing was reused."""
+        if self.feature_cache is None:
+            return "feature reuse: off (feature_reuse.enabled=false)"
+        if not self._reused and not self.feature_cache.hits + self.feature_cache.misses:
+            return "feature reuse: off (no frozen backbone, or a random test transform)"
+        return self.feature_cache.summary()
+
+    def on_validation_epoch_start(self) -> None:
+        self._begin_reuse()
+
+    def on_test_epoch_start(self) -> None:
+        self._begin_reuse()
 
     def forward(self, batch: Episode) -> torch.Tensor:
         """Logits [B,2,H,W] at input resolution; the query label is never shown outside training."""
@@ -98,7 +138,8 @@ class FewShotSegModule(LightningModule):
         with 255 to a max(H, W) square, which is exactly PFENet's `ori_resize` rule (docs/protocols.md),
         and with a squash resize it is the raw label (HSNet's use_original_imgsize)."""
         visible = {k: v for k, v in batch.items() if k != "query_mask"}
-        logits, out = self.method(visible)
+        with reusing(self.feature_cache, self._reused):
+            logits, out = self.method(visible)
         for name, extra in (out.logits if isinstance(out, ExtraLogits) else {}).items():
             key = f"{stage}_{name}"
             if key not in self.extra_iou:
@@ -132,6 +173,8 @@ class FewShotSegModule(LightningModule):
         )
         self.val_iou.reset()
         self.log_dict(self._extra_results("val"))
+        if self._reused:
+            self.log("val/feature_reuse_hit_rate", self.feature_cache.hit_rate, sync_dist=True)
 
     def _extra_results(self, stage: str) -> dict[str, torch.Tensor]:
         """{stage}/<name>_miou and _fbiou of the extra logits, and reset their metrics."""

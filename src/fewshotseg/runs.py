@@ -57,6 +57,7 @@ def build_episodic(cfg: DictConfig):
         aux_weights=dict(method_cfg.get("aux_weights") or {}),
         class_names=datamodule.class_names,
         eval_resolution=cfg.get("eval_resolution", "input"),
+        feature_reuse=cfg.get("feature_reuse"),
         config=config,
     )
     return datamodule, module
