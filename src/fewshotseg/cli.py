@@ -72,14 +72,13 @@ def check_group_choices(argv: list[str]) -> None:
             continue
         try:
             values = (
-                list(override.sweep_string_iterator())
-                if override.is_sweep_override()
-                else [override.get_value_element_as_str()]
+                list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
             )
         except Exception:  # noqa: BLE001 - a glob or other sweep form: Hydra resolves it
             continue
+        values = [v for v in values if isinstance(v, str)]  # null, or a list of options: left to Hydra
         for value in values:
-            if value != "null" and not (group / f"{value}.yaml").is_file():
+            if not (group / f"{value}.yaml").is_file():
                 options = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
                 raise ConfigError(
                     f"{override.key_or_group}={value}: no such option; expected one of {', '.join(options)}"
