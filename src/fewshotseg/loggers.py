@@ -17,7 +17,7 @@ def log_lightning_to_run_folder() -> None:
     imported before logging is configured, so otherwise the run folder's log file stays empty."""
     if not logging.getLogger().handlers:
         return
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
