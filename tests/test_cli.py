@@ -124,7 +124,7 @@ def test_wandb_offline_without_account(tmp_path, data_dir):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method=nonexistent", r"Could not find 'method/nonexistent'"),
+        ("method=nonexistent", r"method=nonexistent: no such option; expected one of all_foreground, asgnet"),
         ("fold=4", r"fold=4 is out of range: expected an integer in 0\.\.3"),
         ("shot=0", r"shot=0: expected an integer >= 1"),
         ("data.root=/nonexistent/VOC", r"/nonexistent/VOC does not exist"),

@@ -1,25 +1,33 @@
 """Callbacks of a training run.
 
-- QualitativeOverlays: support, query, prediction and ground truth of the first evaluation batch,
-  saved as PNG in the run folder and sent to W&B when it is the logger.
+- QualitativeOverlays: supports, query, prediction against the truth and the truth of the first
+  evaluation batch, titled (class, episode IoU; drawing in overlays.py), saved as PNG in the run
+  folder and sent to W&B when it is the logger.
 - PerClassIoU: after testing, the IoU of every novel class as a CSV file next to each CSV logger's
   metrics.csv and, with W&B, as a `wandb.Table` with a bar chart.
+- KeepProgress: `last.ckpt` at the end of every epoch, every N training steps and when SIGTERM or
+  SIGINT stops the run, so a kill loses at most N steps and a stop loses nothing.
+- SeedEachStep: the global RNG (dropout, random ops in methods) seeded from (seed, step) before each
+  training step, so a resumed run draws what the uninterrupted one draws.
 """
 
 from __future__ import annotations
 
 import csv
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 from fewshotseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-_FG = np.array([255, 60, 60], dtype=np.float32)
+from fewshotseg.overlays import episode_row, stack_rows
 
 
 def _to_rgb(img: torch.Tensor) -> np.ndarray:
@@ -28,21 +36,16 @@ def _to_rgb(img: torch.Tensor) -> np.ndarray:
     return ((img * std + mean).clamp(0, 1) * 255).permute(1, 2, 0).byte().cpu().numpy()
 
 
-def overlay(rgb: np.ndarray, mask: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The image with the object (1) tinted red and ignored pixels (255) tinted white."""
-    m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    out = rgb.astype(np.float32)
-    out[m == 1] = 0.5 * out[m == 1] + 0.5 * _FG
-    out[m == 255] = 0.5 * out[m == 255] + 0.5 * 255  # ignore band in white
-    return out.astype(np.uint8)
-
-
-def episode_panel(batch: dict, pred: torch.Tensor, i: int) -> np.ndarray:
-    """One row: each support with its mask, the query with the prediction, the query with the truth."""
-    tiles = [overlay(_to_rgb(s), m) for s, m in zip(batch["support_imgs"][i], batch["support_masks"][i])]
-    query = _to_rgb(batch["query_img"][i])
-    tiles += [overlay(query, pred[i]), overlay(query, batch["query_mask"][i])]
-    return np.concatenate(tiles, axis=1)
+def episode_panel(batch: dict, pred: torch.Tensor, i: int, class_name: str = "") -> np.ndarray:
+    """One titled row: each support with its mask outlined, the query, the prediction against the
+    truth (TP/FP/FN), the truth outlined; headed by the episode, its class and its IoU."""
+    masks = [m.cpu().numpy() for m in batch["support_masks"][i]]
+    supports = [_to_rgb(s) for s in batch["support_imgs"][i]]
+    episode = batch.get("episode_idx")
+    number = int(episode[i]) if isinstance(episode, torch.Tensor) and int(episode[i]) >= 0 else None
+    heading = (f"episode {number}  ·  " if number is not None else "") + f"class: {class_name or '?'}"
+    return episode_row(supports, masks, _to_rgb(batch["query_img"][i]), pred[i].cpu().numpy(),
+                       batch["query_mask"][i].cpu().numpy(), heading)  # fmt: skip
 
 
 class QualitativeOverlays(Callback):
@@ -53,22 +56,20 @@ class QualitativeOverlays(Callback):
         if not trainer.is_global_zero or not outputs or "pred" not in outputs:
             return
         n = min(self.max_episodes, batch["query_img"].shape[0])
-        panels = [episode_panel(batch, outputs["pred"], i) for i in range(n)]
         names = (
             [trainer.datamodule.class_names[int(c) - 1] for c in batch["class_id"][:n]]
             if trainer.datamodule
             else [""] * n
         )
+        panels = [episode_panel(batch, outputs["pred"], i, names[i]) for i in range(n)]
         # default_root_dir (the run folder), not trainer.log_dir: that property is a collective
         # broadcast under DDP and would hang when read on rank 0 only.
         folder = Path(trainer.default_root_dir) / "overlays"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate(panels, axis=0)).save(
-            folder / f"{stage}_step{trainer.global_step:06d}.png"
-        )
+        Image.fromarray(stack_rows(panels)).save(folder / f"{stage}_step{trainer.global_step:06d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                caption = [f"{name}: supports | prediction | ground truth" for name in names]
+                caption = [f"{name}: supports | query | prediction vs truth | truth" for name in names]
                 logger.log_image(key=f"{stage}/overlays", images=panels, caption=caption)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -105,3 +106,61 @@ class PerClassIoU(Callback):
                 table = wandb.Table(columns=["class", "iou"], data=[list(r) for r in rows])
                 chart = wandb.plot.bar(table, "class", "iou", title="test IoU per class")
                 logger.experiment.log({"test/iou_per_class": table, "test/iou_per_class_chart": chart})
+
+
+class KeepProgress(Callback):
+    """`dirpath/last.ckpt`: the run's latest state, written at every epoch end (after validation),
+    every `every_n_train_steps` steps (null: not mid-epoch) and when the run is stopped. (Lightning's
+    own `save_last` rewrites last.ckpt only when a new best is saved, so it is not the latest state.)
+
+    SIGTERM: Lightning stops after the current training step and raises SIGTERMException; this
+    callback then writes the checkpoint. SIGINT (Ctrl-C) is turned into the same stop: the current
+    step finishes, the checkpoint is written; a second Ctrl-C interrupts at once. Resuming from the
+    checkpoint continues exactly where the run stopped (data order: data/train_order.py)."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+        self.stop_requested = False
+        self._previous_sigint = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once
+        print("\nstopping after this training step and writing a checkpoint (Ctrl-C again to stop now)")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._previous_sigint is not None and not self.stop_requested:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stop_requested:
+            raise SIGTERMException  # Lightning's stop: on_exception below writes the checkpoint
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and not trainer.fast_dev_run:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.fast_dev_run:  # a smoke test writes no checkpoint (as Lightning's)
+            trainer.save_checkpoint(self.path)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                print(f"stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
+
+
+class SeedEachStep(Callback):
+    """Seeds torch's global RNG from (seed, global step) before every training step."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step_seed = np.random.SeedSequence([self.seed, trainer.global_step]).generate_state(1)[0]
+        torch.manual_seed(int(step_seed))

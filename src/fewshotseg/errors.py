@@ -11,3 +11,10 @@ class DataError(UserInputError):
 
 class ConfigError(UserInputError):
     """A config value out of range or of the wrong kind."""
+
+
+def integer(value, key: str, expected: str) -> int:
+    """`value` if it is an integer, else ConfigError `key=value: expected <expected>` (for 'abc', 1.5, true)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value}: expected {expected}")
+    return value

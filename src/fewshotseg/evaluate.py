@@ -17,21 +17,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fewshotseg.cli import CONFIG_DIR, user_errors
+from fewshotseg.cli import hydra_main, user_errors
 from fewshotseg.results import format_table, summarise, write_results
-from fewshotseg.runs import load_model, load_run  # noqa: F401 - load_run re-exported
+from fewshotseg.runs import load_model, load_run, seed_list  # noqa: F401 - load_run re-exported
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    seeds = seed_list(cfg.seeds)  # checked before the model is built
     run_cfg, datamodule, module = load_model(cfg)
     module.set_feature_reuse(cfg.get("feature_reuse"))  # one cache for every seed of this call
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     runs = {}
-    for seed in cfg.seeds:
+    for seed in seeds:
         datamodule.test_seed = int(seed)
         trainer.test(module, datamodule=datamodule, verbose=False)
         runs[int(seed)] = module.test_results
@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         return evaluate(cfg).get("miou", {}).get("mean")

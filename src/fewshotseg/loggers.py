@@ -1,13 +1,27 @@
-"""W&B without an account: offline unless logged in (or WANDB_MODE is set), and a finished run
-says how to upload it."""
+"""Logging of a run: Lightning's messages into the run folder's log file, and W&B without an account
+(offline unless logged in or WANDB_MODE is set; a finished run says how to upload it)."""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+
+def log_lightning_to_run_folder() -> None:
+    """Lightning's loggers through the root logger that Hydra set up (console and `<task>.log` in the
+    run folder). Lightning gives them their own console handler and stops propagation when it is
+    imported before logging is configured, so otherwise the run folder's log file stays empty."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _wandb_logged_in() -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,13 +24,13 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from fewshotseg.callbacks import overlay
-from fewshotseg.cli import CONFIG_DIR, user_errors
+from fewshotseg.cli import hydra_main, user_errors
 from fewshotseg.data.episode import collate_episodes
 from fewshotseg.data.sources.base import read_image
 from fewshotseg.data.transforms import PairTransform
 from fewshotseg.errors import ConfigError, DataError
 from fewshotseg.methods.base import Method, method_class
+from fewshotseg.overlays import outline
 from fewshotseg.runs import load_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -170,13 +169,15 @@ def predict(cfg: DictConfig) -> list[Path]:
             logits = module(batch)[0].float()
         mask = to_original_size(logits, transform, image.shape[:2]).cpu().numpy().astype(np.uint8)
         Image.fromarray(mask * 255).save(out / f"{path.stem}_mask.png")
-        Image.fromarray(overlay(image, mask)).save(out / f"{path.stem}_overlay.png")
+        Image.fromarray(outline(image, mask, width=max(2, min(image.shape[:2]) // 150))).save(
+            out / f"{path.stem}_overlay.png"
+        )
         written.append(out / f"{path.stem}_mask.png")
     print(f"{len(written)} masks and overlays written to {out}")
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra_main("predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         predict(cfg)

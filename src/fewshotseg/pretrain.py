@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshotseg.cli import CONFIG_DIR, instantiate_group, user_errors
+from fewshotseg.cli import hydra_main, instantiate_group, user_errors
 from fewshotseg.contrastive import ImagesPerSecond, export_from_checkpoint, export_prior_extractor
 from fewshotseg.errors import ConfigError
 from fewshotseg.loggers import finish_wandb, prepare_wandb
@@ -100,7 +99,7 @@ def pretrain(cfg: DictConfig) -> Path | None:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+@hydra_main("pretrain")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         pretrain(cfg)

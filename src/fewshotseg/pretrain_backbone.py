@@ -13,13 +13,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewshotseg.backbone_pretraining import export_backbone, read_metadata
-from fewshotseg.cli import CONFIG_DIR, instantiate_group, user_errors
+from fewshotseg.cli import hydra_main, instantiate_group, user_errors
 from fewshotseg.errors import ConfigError
 
 
@@ -102,7 +101,7 @@ def pretrain_backbone(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain_backbone")
+@hydra_main("pretrain_backbone")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         pretrain_backbone(cfg)

@@ -209,6 +209,24 @@ def _slug(*parts) -> str:
     return "_".join(str(p) for p in parts).replace("/", "-").replace(" ", "")
 
 
+def _mark_missing(ax, positions, means) -> None:
+    """'n/a' where a bar has no result, so a missing fold or class never reads as IoU 0."""
+    for x, m in zip(positions, means):
+        if m != m:  # NaN
+            ax.text(x, 1, "n/a", ha="center", va="bottom", rotation=90, fontsize=7, color="dimgray")
+
+
+def _finish(ax, groups: int, ylabel: str, title: str) -> None:
+    """Every group shown (a group with no bar too), a 0-100 axis, and the legend beside the plot
+    where it can hide no bar."""
+    ax.set_xlim(-0.5, groups - 0.5)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def charts(rows: list[Row], out: Path) -> list[Path]:
     """Per dataset and protocol: mIoU per fold per row, and per-class IoU per row (grouped bars)."""
     import matplotlib
@@ -222,26 +240,18 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
         folds = folds_of(section)
         width = 0.8 / len(section)
         # mIoU per fold (and the mean), error bars = std over training seeds
-        fig, ax = plt.subplots(figsize=(1.6 * (len(folds) + 1) + 2, 4))
+        fig, ax = plt.subplots(figsize=(1.6 * (len(folds) + 1) + 4.5, 4))
         x = np.arange(len(folds) + 1)
         for i, row in enumerate(section):
             cells = row_cells(row, "miou", folds)
             names = [*(f"fold{f}" for f in folds), "mean"]
             means = [100 * cells[n][0] if cells[n] else np.nan for n in names]
             stds = [100 * (cells[n][1] or 0) if cells[n] else 0 for n in names]
-            ax.bar(
-                x + (i - (len(section) - 1) / 2) * width,
-                means,
-                width,
-                yerr=stds if any(stds) else None,
-                label=row.label,
-                capsize=2,
-            )
+            positions = x + (i - (len(section) - 1) / 2) * width
+            ax.bar(positions, means, width, yerr=stds if any(stds) else None, label=row.label, capsize=2)
+            _mark_missing(ax, positions, means)
         ax.set_xticks(x, [*(f"fold {f}" for f in folds), "mean"])
-        ax.set_ylabel("mIoU (%)")
-        ax.set_title(f"mIoU per fold: {data} ({protocol})")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        _finish(ax, len(x), "mIoU (%)", f"mIoU per fold: {data} ({protocol})")
         fig.tight_layout()
         written.append(out / f"miou_per_fold_{_slug(data, protocol)}.png")
         fig.savefig(written[-1], dpi=110)
@@ -251,17 +261,16 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
         classes = list(dict.fromkeys(c for row in section for run in row.runs for c in run.iou_per_class))
         if not classes:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes) * max(1, len(section) / 2) + 2), 4.5))
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes) * max(1, len(section) / 2) + 2) + 3, 4.5))
         x = np.arange(len(classes))
         for i, row in enumerate(section):
             values = [[run.iou_per_class[c] for run in row.runs if c in run.iou_per_class] for c in classes]
             means = [100 * statistics.fmean(v) if v else np.nan for v in values]
-            ax.bar(x + (i - (len(section) - 1) / 2) * width, means, width, label=row.label)
+            positions = x + (i - (len(section) - 1) / 2) * width
+            ax.bar(positions, means, width, label=row.label)
+            _mark_missing(ax, positions, means)
         ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel("IoU (%)")
-        ax.set_title(f"IoU per novel class: {data} ({protocol})")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        _finish(ax, len(x), "IoU (%)", f"IoU per novel class: {data} ({protocol})")
         fig.tight_layout()
         written.append(out / f"iou_per_class_{_slug(data, protocol)}.png")
         fig.savefig(written[-1], dpi=110)

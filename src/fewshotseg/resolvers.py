@@ -27,3 +27,14 @@ def strict_suffix(exclude_fold) -> str:
 
 
 OmegaConf.register_new_resolver("fss.strict_suffix", strict_suffix, replace=True)
+
+
+def _register_run_folders() -> None:
+    from fewshotseg.run_folders import hydra_subdir, run_dir
+
+    # use_cache: one folder per launch, however often the config is read (Hydra copies the cache to sweep jobs)
+    OmegaConf.register_new_resolver("fss.run_dir", run_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("fss.hydra_subdir", hydra_subdir, replace=True, use_cache=True)
+
+
+_register_run_folders()

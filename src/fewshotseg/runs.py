@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from fewshotseg import checkpoints
 from fewshotseg.errors import ConfigError
@@ -40,6 +40,38 @@ def _hydra_choices() -> dict:
         return {}
     choices = HydraConfig.get().runtime.choices
     return {g: choices.get(g) for g in _NAMED_GROUPS if choices.get(g) is not None}
+
+
+# What a resumed run must share with the checkpoint's run: (name in messages, key in the config).
+_RESUME_KEYS = (
+    ("method", "method.model._target_"),
+    ("data", "data.source._target_"),
+    ("backbone", "method.model.backbone.name"),
+    ("fold", "fold"),
+    ("shot", "shot"),
+)
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """`ckpt_path=` must be a checkpoint of this package whose run had the same method, data, fold,
+    shot and backbone as `cfg` (a ConfigError naming the keys that differ)."""
+    ckpt = checkpoints.read(cfg.ckpt_path, "ckpt_path", "no such checkpoint file to resume from")
+    stored = ckpt.get("fewshotseg_config") if isinstance(ckpt, dict) else None
+    if stored is None or "loops" not in ckpt:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: not a checkpoint of fewshotseg.train (nothing to resume)"
+        )
+    stored = OmegaConf.create(stored)
+    differ = []
+    for name, key in _RESUME_KEYS:
+        then, now = OmegaConf.select(stored, key), OmegaConf.select(cfg, key)
+        if then != now:
+            differ.append(f"{name}: {then} in the checkpoint, {now} here")
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} belongs to another run ({'; '.join(differ)}): resume with the "
+            "run's own settings, or start a new run without ckpt_path="
+        )
 
 
 def build_episodic(cfg: DictConfig):
@@ -63,13 +95,38 @@ def build_episodic(cfg: DictConfig):
     return datamodule, module
 
 
+def _unknown_timm_model(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it: Hydra wraps errors raised while instantiating) is timm's."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Unknown model"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unknown_backbone_error(name: str) -> ConfigError:
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
+    hint = f"close names: {', '.join(close)}" if close else "timm.list_models() lists them"
+    return ConfigError(f"backbone.name={name}: timm has no such model ({hint})")
+
+
 def build_run(cfg: DictConfig):
     """The datamodule and LightningModule of a run config, for the method's task."""
-    if method_class(cfg).task == "semantic":
-        from fewshotseg.lit_semantic import build_semantic
+    try:
+        if method_class(cfg).task == "semantic":
+            from fewshotseg.lit_semantic import build_semantic
 
-        return build_semantic(cfg)
-    return build_episodic(cfg)
+            return build_semantic(cfg)
+        return build_episodic(cfg)
+    except Exception as e:  # noqa: BLE001 - re-raised unless timm does not know the backbone's name
+        name = OmegaConf.select(cfg, "method.model.backbone.name")
+        if name is not None and _unknown_timm_model(e):
+            raise unknown_backbone_error(name) from None
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +148,10 @@ def official_state(cfg: DictConfig, path: str | Path) -> dict[str, torch.Tensor]
             f"{cfg.method.model._target_} declares no official names: there is no released checkpoint "
             "format to load (use ckpt=<a fewshotseg checkpoint>)"
         )
-    return method.official_names.to_ours(read_state_file(path))
+    try:
+        return method.official_names.to_ours(read_state_file(path))
+    except ConfigError as e:  # the rename table's complaint, about this file
+        raise ConfigError(e if f"={path}" in str(e) else f"weights={path}: {e}") from e
 
 
 def load_official_weights(
@@ -179,6 +239,14 @@ def command_line_overrides(cfg: DictConfig) -> DictConfig:
     if hydra_cfg.runtime.choices.get("protocol"):
         out.data.protocol = cfg.data.protocol
     return out
+
+
+def seed_list(seeds) -> list[int]:
+    """`seeds=` as a list of integers (one integer is a list of one); ConfigError otherwise."""
+    values = list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else [seeds]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ConfigError(f"seeds={seeds}: expected a list of integers, e.g. seeds=[0,1,2,3,4]")
+    return values
 
 
 def load_model(cfg: DictConfig):

@@ -8,26 +8,26 @@ python -m fewshotseg.train -m fold=0,1,2,3 shot=1,5                             
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from fewshotseg.cli import CONFIG_DIR, instantiate_group, user_errors
-from fewshotseg.errors import ConfigError
-from fewshotseg.loggers import finish_wandb, prepare_wandb
+from fewshotseg.cli import hydra_main, instantiate_group, user_errors
+from fewshotseg.loggers import finish_wandb, log_lightning_to_run_folder, prepare_wandb
 from fewshotseg.methods.base import method_class
 from fewshotseg.results import format_test_results, write_results
-from fewshotseg.runs import build_run
+from fewshotseg.runs import build_run, check_resume
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file to resume from")
+    if cfg.ckpt_path:
+        check_resume(cfg)  # the same method, data, fold, shot and backbone
     L.seed_everything(cfg.seed, workers=True)
     prepare_wandb(cfg)
     datamodule, module = build_run(cfg)
@@ -39,9 +39,14 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(module.config)
 
     if any(p.requires_grad for p in module.parameters()):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        except SIGTERMException:  # SIGTERM or Ctrl-C: callbacks.KeepProgress wrote last.ckpt
+            sys.exit(143)
     else:  # a training-free method, or every weight frozen (PANet on a frozen backbone)
-        log.warning("%s has no trainable parameter: nothing to fit, testing it as built", cfg.method.model._target_)
+        log.warning(
+            "%s has no trainable parameter: nothing to fit, testing it as built", cfg.method.model._target_
+        )
     results: dict = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -58,8 +63,9 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
+    log_lightning_to_run_folder()
     with user_errors():
         results = train(cfg)
     return results.get("miou")  # the sweep objective

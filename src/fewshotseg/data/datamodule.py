@@ -37,8 +37,9 @@ from fewshotseg.data.sampling import (
     without_classes,
 )
 from fewshotseg.data.sources.base import SegmentationSource, base_labels, binarise  # noqa: F401 - binarise re-exported
+from fewshotseg.data.train_order import ResumableLoader, TrainOrder, item_key, training_position
 from fewshotseg.data.transforms import PairTransform, protocol_transforms
-from fewshotseg.errors import ConfigError, DataError
+from fewshotseg.errors import ConfigError, DataError, integer
 
 PROTOCOL_KEYS = (
     "train",
@@ -139,9 +140,8 @@ class TrainEpisodes(_EpisodeReader):
     def __len__(self) -> int:
         return len(self.queries)
 
-    def __getitem__(self, i: int) -> dict:
-        # Torch's RNG is seeded per worker (seed_everything(workers=True)), so runs are reproducible.
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+    def __getitem__(self, key) -> dict:
+        i, rng = item_key(key)  # TrainOrder's (index, (seed, epoch, position)): resumable, any worker count
         self.transform.set_seed(int(rng.integers(2**31)))
         query = self.queries[i]
         c = pick_class(rng, self.index[query], self.pools, query)
@@ -182,9 +182,10 @@ class SemanticImages(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, i: int) -> dict:
-        # Training: torch's per-worker RNG (reproducible); evaluation: seeded by position.
-        self.transform.set_seed(int(torch.randint(0, 2**31, ()).item()) if self.train else i)
+    def __getitem__(self, key) -> dict:
+        # Training: TrainOrder's (index, (seed, epoch, position)); evaluation: seeded by position.
+        i, rng = item_key(key)
+        self.transform.set_seed(int(rng.integers(2**31)) if self.train else i)
         image_id = self.image_ids[i]
         image, label = self.source.load_image(image_id), self.source.load_label(image_id)
         _check_size(self.source, image_id, image, label)
@@ -219,13 +220,17 @@ class FewShotDataModule(LightningDataModule):
         protocols: Mapping | None = None,
         task: str = "episodes",
         base_label: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r}: expected one of {list(TASKS)}")
         self.task, self.base_label = task, bool(base_label)
+        self.seed = seed  # the training data order and augmentation (data/train_order.py)
+        shot = integer(shot, "shot", "an integer >= 1 (support images per episode)")
         if shot < 1:
             raise ConfigError(f"shot={shot}: expected an integer >= 1 (support images per episode)")
+        fold = integer(fold, "fold", f"an integer in 0..{num_folds - 1}")
         self.source = source(root=root)  # a partial: the config names the dataset, data.root the place
         self.protocol = protocol
         settings = resolve_protocol(protocol, protocols)
@@ -349,24 +354,28 @@ class FewShotDataModule(LightningDataModule):
             if stage == "validate":
                 self.val_set = self.test_set
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = None
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if not shuffle and world > 1:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if train:  # the order of (seed, epoch, position), split over the ranks, resumable mid-epoch
+            position = (lambda: training_position(trainer)) if trainer is not None else None
+            sampler = TrainOrder(dataset, self.seed, batch_size, world, rank, position)
+        elif world > 1:
             # Each episode exactly once across ranks (Lightning's default sampler pads with repeats,
             # which would count some episodes twice), so DDP gives the one-process metric.
-            sampler = UnrepeatedDistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=self.num_workers,
-            sampler=sampler, collate_fn=collate_episodes, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+        else:
+            sampler = None
+        return ResumableLoader(
+            dataset, batch_size=batch_size, drop_last=train, num_workers=self.num_workers, sampler=sampler,
+            collate_fn=collate_episodes, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.test_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.test_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.test_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.test_batch_size, train=False)
