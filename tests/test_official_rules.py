@@ -31,3 +31,39 @@ def test_poly_equals_the_official_loop(total):
     official = [base * (1 - (i + 1) / total) ** power for i in range(total)]
     assert _lrs_used(lambda o, t: poly(o, t, power=power), total, base) == pytest.approx(official, abs=1e-15)
     assert official[-1] == 0.0
+
+
+PAPER_PRESETS = [
+    (method, data)
+    for method in ("asgnet", "dpnet", "pfenet", "pspnet_base", "qgnet", "symnet")
+    for data in ("pascal", "coco")
+]
+
+
+@pytest.mark.parametrize("data", ["pascal", "coco"])
+def test_symnet_presets_exclude_novel_images(data):
+    # BAM (and Sym-Net on it) builds its training lists with filter_intersection=True.
+    from helpers import compose_config
+
+    assert compose_config("train", ["method=symnet", f"data={data}"]).data.exclude_novel_in_train is True
+    assert compose_config("train", [f"experiment=symnet_{data}_r50"]).data.exclude_novel_in_train is True
+    # PFENet's lists keep such images (novel objects are background); so does BAM's base stage.
+    for method in ("pfenet", "asgnet", "qgnet", "dpnet", "pspnet_base"):
+        assert compose_config("train", [f"method={method}", f"data={data}"]).data.exclude_novel_in_train is False
+
+
+@pytest.mark.parametrize("method,data", PAPER_PRESETS)
+def test_paper_presets_train_in_fp32(method, data):
+    from helpers import compose_config
+
+    cfg = compose_config("train", [f"method={method}", f"data={data}", "trainer=gpu"])
+    assert cfg.trainer.precision == 32
+    cfg = compose_config("train", [f"method={method}", f"data={data}", "trainer=gpu", "trainer.precision=bf16-mixed"])
+    assert cfg.trainer.precision == "bf16-mixed"  # the user's choice wins
+
+
+def test_panet_experiment_trains_in_fp32():
+    from helpers import compose_config
+
+    assert compose_config("train", ["experiment=panet_pascal", "trainer=gpu"]).trainer.precision == 32
+    assert compose_config("train", ["method=panet", "trainer=gpu"]).trainer.precision == "bf16-mixed"
