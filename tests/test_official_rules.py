@@ -4,6 +4,8 @@ novel-image rule in the presets."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -191,3 +193,55 @@ def test_train_pipeline_equals_the_official_chain_in_float32():
         assert np.array_equal(out.numpy(), y[oy : oy + size, ox : ox + size]), seed
         assert np.abs(_raw(img) - x[oy : oy + size, ox : ox + size]).max() < 1e-3, seed
     assert not np.allclose(_raw(img), _raw(img).round(), atol=1e-3)  # not rounded to integers
+
+
+# PANet's class-first episodes
+# ------------------------------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from fewshotseg.data.sampling import draw_train_episode, images_per_class, query_images  # noqa: E402
+
+# A skewed index: class 1 is in every image, classes 2..4 in a few each.
+SKEWED = {f"img{i:02d}": {1: 500, **({2 + i % 3: 300} if i < 9 else {})} for i in range(30)}
+CLASSES = [1, 2, 3, 4]
+
+
+def _frequencies(order: str, shot: int, n: int = 6000) -> tuple[Counter, list]:
+    rng = np.random.default_rng(0)
+    pools = images_per_class(SKEWED, CLASSES)
+    queries = query_images(SKEWED, CLASSES)
+    specs = [draw_train_episode(rng, order, queries[i % len(queries)], SKEWED, pools, shot) for i in range(n)]
+    return Counter(s.class_id for s in specs), specs
+
+
+def test_class_first_draws_classes_uniformly_and_distinct_images():
+    counts, specs = _frequencies("class", shot=2)
+    n = sum(counts.values())
+    for c in CLASSES:  # PANet: random.sample of the classes, 1 / 4 each (3 sigma ~ 0.017)
+        assert abs(counts[c] / n - 1 / len(CLASSES)) < 0.02, counts
+    for s in specs:
+        assert s.class_id in SKEWED[s.query] and all(s.class_id in SKEWED[i] for i in s.supports)
+        assert len({s.query, *s.supports}) == 3  # shot + 1 distinct images
+
+
+def test_image_first_follows_the_images():
+    # PFENet: the i-th image, then one of its classes: p(c) = mean over images of 1[c in it] / |classes in it|
+    counts, _ = _frequencies("image", shot=1)
+    n = sum(counts.values())
+    expected = {c: statistics.fmean((c in a) / len(a) for a in SKEWED.values()) for c in CLASSES}
+    for c in CLASSES:
+        assert abs(counts[c] / n - expected[c]) < 0.02, (counts, expected)
+    assert expected[1] > 0.8  # far from uniform: what class-first changes
+
+
+def test_panet_protocol_composes():
+    from helpers import compose_config
+
+    cfg = compose_config("train", ["experiment=panet_pascal", "paths.data_dir=/unused"])
+    assert cfg.data.protocol == "panet" and cfg.selection == "last" and cfg.data.test_seed == 1234
+    assert cfg.data.test_split == cfg.data.train_split == "train" and cfg.data.fold_split == "consecutive"
+    settings = cfg.data.protocols.panet
+    assert (settings.train, settings.test, settings.size, settings.test_order, settings.train_order) == (
+        "resize_flip", "resize", 417, "class", "class")  # fmt: skip
+    assert (settings.min_area, settings.eval_resolution, settings.num_test_episodes) == (0, "input", 1000)

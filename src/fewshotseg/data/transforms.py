@@ -52,6 +52,8 @@ def _labels(mask: np.ndarray, extra: np.ndarray | None) -> list[np.ndarray]:
 class PairTransform:
     """Wraps an albumentations pipeline: (HxWx3 uint8, HxW uint8 mask) -> ([3,H,W] float, [H,W] long)."""
 
+    description = "custom transform"  # how it resizes, as results.json records it (test_input)
+
     def __init__(self, ops: list, keep_foreground_tries: int = 1):
         self.pipeline = A.Compose([*ops, A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         # Random ops can remove the whole object; redraw up to this many times.
@@ -137,6 +139,7 @@ class AugmentTransform(PairTransform):
         self.rotate_p = 0.5 if rotate else 0.0
         self.blur_p, self.flip_p, self.crop_redraws, self.keep_ratio = blur_p, flip_p, crop_redraws, keep_ratio
         self._rng = np.random.default_rng(0)
+        self.description = f"training augmentation, crop {crop_size} x {crop_size}"
 
     def set_seed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
@@ -176,7 +179,9 @@ def resize_transform(size: int, flip_p: float = 0.0) -> PairTransform:
     ops = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
     if flip_p:
         ops.append(A.HorizontalFlip(p=flip_p))
-    return PairTransform(ops)
+    transform = PairTransform(ops)
+    transform.description = f"squash-resize to {size} x {size}"
+    return transform
 
 
 def pfenet_resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
@@ -192,6 +197,7 @@ class PadTransform(PairTransform):
     def __init__(self, size: int):
         super().__init__([])
         self.size = size
+        self.description = f"longer side to {size} (aspect kept), padded to {size} x {size}"
 
     def set_seed(self, seed: int) -> None:  # deterministic
         pass
@@ -223,13 +229,13 @@ def pad_transform(size: int) -> PairTransform:
 
 def protocol_transforms(train: str, test: str, size: int, scale: tuple[float, float] | None = None,
                         rotate: float = 10.0) -> tuple[PairTransform, PairTransform]:  # fmt: skip
-    """The (train, test) transforms a protocol names: train augment|resize, test pad|resize."""
+    """The (train, test) transforms a protocol names: train augment|resize|resize_flip, test pad|resize."""
     if train == "augment":
         train_t = train_transform(size, tuple(scale or (0.9, 1.1)), rotate)
-    elif train == "resize":
-        train_t = resize_transform(size)
+    elif train in ("resize", "resize_flip"):
+        train_t = resize_transform(size, flip_p=0.5 if train == "resize_flip" else 0.0)
     else:
-        raise ValueError(f"train={train!r}: expected 'augment' or 'resize'")
+        raise ValueError(f"train={train!r}: expected 'augment', 'resize' or 'resize_flip'")
     if test == "pad":
         test_t = pad_transform(size)
     elif test == "resize":
