@@ -155,3 +155,20 @@ def test_evaluate_prints_and_records_mean_and_best(tiny_run, tmp_path, data_dir,
     assert rec["how"]["selection"] == "best validation mIoU on held-out episodes"
     assert f"mean {100 * statistics.fmean(per_seed):.2f}" in out and f"{100 * max(per_seed):.2f}" in out
     assert "best seed" in out and "sample std" in out
+
+
+def test_selection_last_and_a_run_with_nothing_to_train(tmp_path, data_dir, caplog):
+    from fewshotseg.train import train
+    from helpers import compose_train_cfg
+
+    short = ["test=true", "data.num_test_episodes=4", "trainer.limit_train_batches=2",
+             "trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0"]  # fmt: skip
+    train(compose_train_cfg(tmp_path / "last", data_dir, [*short, "selection=last"]))
+    rec = json.loads((tmp_path / "last" / "results.json").read_text())
+    assert rec["ckpt"] is None and rec["how"]["selection"] == "the final weights, no selection"
+    # PANet on a frozen backbone has no weight to train: no fit, a warning, a test of the weights as built
+    with caplog.at_level(logging.WARNING, logger="fewshotseg.train"):
+        train(compose_train_cfg(tmp_path / "frozen", data_dir, [*short, "backbone.frozen=true"]))
+    assert any("no trainable parameter" in r.getMessage() for r in caplog.records)
+    rec = json.loads((tmp_path / "frozen" / "results.json").read_text())
+    assert rec["how"]["selection"].endswith("(no checkpoint: the final weights)")
