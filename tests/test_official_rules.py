@@ -5,10 +5,12 @@ novel-image rule in the presets."""
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
+from fewshotseg.cli import CONFIG_DIR
 from fewshotseg.schedules import poly
 
 
@@ -51,7 +53,9 @@ def test_symnet_presets_exclude_novel_images(data):
     assert compose_config("train", [f"experiment=symnet_{data}_r50"]).data.exclude_novel_in_train is True
     # PFENet's lists keep such images (novel objects are background); so does BAM's base stage.
     for method in ("pfenet", "asgnet", "qgnet", "dpnet", "pspnet_base"):
-        assert compose_config("train", [f"method={method}", f"data={data}"]).data.exclude_novel_in_train is False
+        assert (
+            compose_config("train", [f"method={method}", f"data={data}"]).data.exclude_novel_in_train is False
+        )
 
 
 @pytest.mark.parametrize("method,data", PAPER_PRESETS)
@@ -60,7 +64,9 @@ def test_paper_presets_train_in_fp32(method, data):
 
     cfg = compose_config("train", [f"method={method}", f"data={data}", "trainer=gpu"])
     assert cfg.trainer.precision == 32
-    cfg = compose_config("train", [f"method={method}", f"data={data}", "trainer=gpu", "trainer.precision=bf16-mixed"])
+    cfg = compose_config(
+        "train", [f"method={method}", f"data={data}", "trainer=gpu", "trainer.precision=bf16-mixed"]
+    )
     assert cfg.trainer.precision == "bf16-mixed"  # the user's choice wins
 
 
@@ -173,10 +179,17 @@ def test_train_pipeline_equals_the_official_chain_in_float32():
         if rng.random() < 0.5:
             angle = -10 + 20 * rng.random()
             m = cv2.getRotationMatrix2D((y.shape[1] / 2, y.shape[0] / 2), angle, 1)
-            x = cv2.warpAffine(x, m, y.shape[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                               borderValue=tuple(float(v) for v in MEAN))
-            y = cv2.warpAffine(y, m, y.shape[::-1], flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                               borderValue=255)
+            x = cv2.warpAffine(
+                x,
+                m,
+                y.shape[::-1],
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=tuple(float(v) for v in MEAN),
+            )
+            y = cv2.warpAffine(
+                y, m, y.shape[::-1], flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=255
+            )
         if rng.random() < 0.5:
             x = cv2.GaussianBlur(x, (5, 5), 0)
         if rng.random() < 0.5:
@@ -245,3 +258,13 @@ def test_panet_protocol_composes():
     assert (settings.train, settings.test, settings.size, settings.test_order, settings.train_order) == (
         "resize_flip", "resize", 417, "class", "class")  # fmt: skip
     assert (settings.min_area, settings.eval_resolution, settings.num_test_episodes) == (0, "input", 1000)
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_paper_experiment_trains_in_fp32(name):
+    from helpers import compose_config
+
+    assert compose_config("train", [f"experiment={name}", "trainer=gpu"]).trainer.precision == 32

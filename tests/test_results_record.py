@@ -43,7 +43,10 @@ def record(tmp_path: Path, name: str, miou, fold=0, seed=1, method="pfenet", how
 
 def test_summary_mean_best_and_sample_std():
     values = [0.61, 0.58, 0.655, 0.6]
-    runs = {s: {"miou": v, "fbiou": 1 - v, "iou_per_class": {"a": v, "b": 2 * v}} for s, v in zip((3, 5, 8, 13), values)}
+    runs = {
+        s: {"miou": v, "fbiou": 1 - v, "iou_per_class": {"a": v, "b": 2 * v}}
+        for s, v in zip((3, 5, 8, 13), values)
+    }
     summary = summarise(runs)
     n = len(values)
     mean = sum(values) / n

@@ -226,7 +226,9 @@ def warnings_of(rows: list[Row]) -> list[str]:
     for row in rows:
         for run in row.runs:
             if run.missing:
-                notes.append(f"{run.path}: the record lacks {', '.join(run.missing)} (written by an older version?)")
+                notes.append(
+                    f"{run.path}: the record lacks {', '.join(run.missing)} (written by an older version?)"
+                )
     return notes
 
 
@@ -237,7 +239,10 @@ def markdown(rows: list[Row], seed_stat: str = "mean") -> str:
         folds = folds_of(section)
         n_runs = sum(len(r.runs) for r in section)
         out.append(f"## {data} (protocol: {protocol}), {n_runs} runs\n")
-        out += [f"- {name.replace('_', ' ')}: {value}" for name, value in zip(TABLE_FIELDS[1:], key[2:], strict=True)]
+        out += [
+            f"- {name.replace('_', ' ')}: {value}"
+            for name, value in zip(TABLE_FIELDS[1:], key[2:], strict=True)
+        ]
         out.append(f"- each cell: {SEED_STATS[seed_stat]}; several runs of a cell (training seeds): "
                    "mean ± sample std over them\n")  # fmt: skip
         for metric in metrics_of(section):

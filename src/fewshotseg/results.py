@@ -30,18 +30,18 @@ def run_info(cfg: DictConfig) -> dict:
 
 # What changes a number, recorded with every result; `report` groups runs by these.
 HOW_FIELDS = (
-    "protocol",        # the protocol table entry (data.protocol), or null: the dataset's own settings
-    "test_split",      # the images the test episodes come from
-    "test_input",      # how a test image is resized (e.g. squash to 400 x 400, longer side to 473)
-    "scored_at",       # input (the network's input size) | original (the label's own size)
-    "episodes",        # test episodes per seed
-    "test_order",      # image | pair | class: how the test queries are drawn
-    "fold_split",      # consecutive | interleaved (COCO-20i)
-    "test_seeds",      # the seeds of the test episode lists
-    "selection",       # which checkpoint was tested and on what it was selected
+    "protocol",  # the protocol table entry (data.protocol), or null: the dataset's own settings
+    "test_split",  # the images the test episodes come from
+    "test_input",  # how a test image is resized (e.g. squash to 400 x 400, longer side to 473)
+    "scored_at",  # input (the network's input size) | original (the label's own size)
+    "episodes",  # test episodes per seed
+    "test_order",  # image | pair | class: how the test queries are drawn
+    "fold_split",  # consecutive | interleaved (COCO-20i)
+    "test_seeds",  # the seeds of the test episode lists
+    "selection",  # which checkpoint was tested and on what it was selected
     "novel_images_in_train",  # excluded (BAM) | kept as background (PFENet, HSNet, PANet)
-    "class_names",     # the class-name embedding table a method reads, or null
-    "precision",       # Lightning's precision of the test (32-true, bf16-mixed, ...)
+    "class_names",  # the class-name embedding table a method reads, or null
+    "precision",  # Lightning's precision of the test (32-true, bf16-mixed, ...)
 )
 SELECTIONS = {  # data/_episodes.yaml's `selection` -> what results.json says
     "held_out": "best validation mIoU on held-out episodes",
@@ -57,7 +57,9 @@ def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) 
         "protocol": getattr(datamodule, "protocol", None),
         "test_split": getattr(datamodule, "test_split", None),
         "test_input": getattr(datamodule.test_transform, "description", "custom transform"),
-        "scored_at": module.resolved_eval_resolution() if hasattr(module, "resolved_eval_resolution") else "input",
+        "scored_at": module.resolved_eval_resolution()
+        if hasattr(module, "resolved_eval_resolution")
+        else "input",
         "episodes": len(datamodule.test_set),
         "test_order": getattr(datamodule, "test_order", None),
         "fold_split": getattr(datamodule, "fold_split", None),
@@ -75,7 +77,11 @@ def selection_of(choice: str | None, ckpt: str | None, weights: str | None = Non
         return "the authors' released weights"
     if choice not in SELECTIONS:
         return f"unrecorded (checkpoint {ckpt})" if ckpt else "unrecorded"
-    return SELECTIONS[choice] if ckpt or choice == "last" else f"{SELECTIONS[choice]} (no checkpoint: the final weights)"
+    return (
+        SELECTIONS[choice]
+        if ckpt or choice == "last"
+        else f"{SELECTIONS[choice]} (no checkpoint: the final weights)"
+    )
 
 
 def spread(values: list[float]) -> dict:
@@ -158,7 +164,9 @@ def format_table(runs: dict[int, dict], summary: dict, datamodule) -> str:
     for name, values, ms in rows:
         mean_std = f"{100 * ms['mean']:.2f} +- {100 * ms['std']:.2f}"
         lines.append(
-            f"{name:<{width}}" + "".join(f"{100 * v:<11.2f}" for v in values) + f"{mean_std:<18}{100 * ms['best']:.2f}"
+            f"{name:<{width}}"
+            + "".join(f"{100 * v:<11.2f}" for v in values)
+            + f"{mean_std:<18}{100 * ms['best']:.2f}"
         )
     if len(seeds) > 1 and "miou" in summary:
         m = summary["miou"]

@@ -94,8 +94,9 @@ def rotate(image: np.ndarray, labels: list[np.ndarray], angle: float) -> tuple[n
     image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                            borderValue=_MEAN_PIXEL)  # fmt: skip
     return image, [
-        cv2.warpAffine(m, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                       borderValue=IGNORE)  # fmt: skip
+        cv2.warpAffine(
+            m, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE
+        )  # fmt: skip
         for m in labels
     ]
 
@@ -137,7 +138,12 @@ class AugmentTransform(PairTransform):
                  blur_p: float = 0.5, flip_p: float = 0.5, crop_redraws: int = 31, keep_ratio: float = 0.85):  # fmt: skip
         self.crop_size, self.scale, self.max_angle = crop_size, tuple(scale), rotate
         self.rotate_p = 0.5 if rotate else 0.0
-        self.blur_p, self.flip_p, self.crop_redraws, self.keep_ratio = blur_p, flip_p, crop_redraws, keep_ratio
+        self.blur_p, self.flip_p, self.crop_redraws, self.keep_ratio = (
+            blur_p,
+            flip_p,
+            crop_redraws,
+            keep_ratio,
+        )
         self._rng = np.random.default_rng(0)
         self.description = f"training augmentation, crop {crop_size} x {crop_size}"
 
