@@ -20,7 +20,7 @@ HOW = {
     "protocol": "pfenet", "test_split": "val", "test_input": "longer side to 473 (aspect kept), padded to 473 x 473",
     "scored_at": "original", "episodes": 1000, "test_order": "image", "fold_split": "consecutive",
     "test_seeds": [0], "selection": "best validation mIoU on held-out episodes",
-    "novel_images_in_train": "kept as background", "class_names": None, "precision": "32-true",
+    "novel_images_in_train": "kept as background", "class_name_table": None, "precision": "32-true",
 }  # fmt: skip
 
 
@@ -140,7 +140,7 @@ def test_train_records_how_it_was_obtained(tiny_run):
     assert set(how) == set(HOW_FIELDS)
     assert how["protocol"] is None and how["test_split"] == "val" and how["scored_at"] == "input"
     assert how["test_input"] == "squash-resize to 57 x 57" and how["episodes"] == 8
-    assert how["test_seeds"] == [0] and how["precision"] == "32-true" and how["class_names"] is None
+    assert how["test_seeds"] == [0] and how["precision"] == "32-true" and how["class_name_table"] is None
     assert how["selection"] == "best validation mIoU on held-out episodes"
     assert how["novel_images_in_train"] == "kept as background" and how["test_order"] == "image"
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU"}
 SEED_STATS = {"mean": "the mean over the run's test seeds", "best": "the run's best test seed (optimistic)"}
-ROW_FIELDS = ("class_names",)  # HOW_FIELDS that name a row (a method's own input), not a table
+ROW_FIELDS = ("class_name_table",)  # HOW_FIELDS that name a row (a method's own input), not a table
 TABLE_FIELDS = tuple(f for f in HOW_FIELDS if f not in ROW_FIELDS)
 
 
@@ -72,7 +72,7 @@ class Run:
 class Row:
     """One table row: a method x backbone x shot (x class-name table) in one section."""
 
-    key: tuple  # section key..., method, backbone, shot, class_names
+    key: tuple  # section key..., method, backbone, shot, class-name table
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -142,7 +142,7 @@ def section_key(run: Run) -> tuple:
 def group_rows(runs: list[Run]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for run in runs:
-        key = (*section_key(run), run.method, run.backbone, run.shot, run.setting("class_names"))
+        key = (*section_key(run), run.method, run.backbone, run.shot, run.setting("class_name_table"))
         rows.setdefault(key, Row(key)).runs.append(run)
     return [rows[k] for k in sorted(rows, key=lambda k: tuple(map(str, k)))]
 
@@ -274,7 +274,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
     cols = [c for f in all_folds for c in (f"fold{f}", f"fold{f}_std")]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["data", *TABLE_FIELDS, "method", "backbone", "shot", "class_names", "metric", *cols,
+        writer.writerow(["data", *TABLE_FIELDS, "method", "backbone", "shot", "class_name_table", "metric", *cols,
                          "mean", "mean_std", "folds_in_mean", "dataset_folds", "runs"])  # fmt: skip
         for row in rows:
             for metric in metrics_of([row]):

@@ -40,7 +40,7 @@ HOW_FIELDS = (
     "test_seeds",  # the seeds of the test episode lists
     "selection",  # which checkpoint was tested and on what it was selected
     "novel_images_in_train",  # excluded (BAM) | kept as background (PFENet, HSNet, PANet)
-    "class_names",  # the class-name embedding table a method reads, or null
+    "class_name_table",  # the class-name embedding table a method reads, or null
     "precision",  # Lightning's precision of the test (32-true, bf16-mixed, ...)
 )
 SELECTIONS = {  # data/_episodes.yaml's `selection` -> what results.json says
@@ -66,7 +66,7 @@ def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) 
         "test_seeds": [int(s) for s in seeds],
         "selection": selection,
         "novel_images_in_train": "excluded" if datamodule.exclude_novel_in_train else "kept as background",
-        "class_names": getattr(model, "class_name_table", None),
+        "class_name_table": getattr(model, "class_name_table", None),
         "precision": str(trainer.precision),
     }
 
