@@ -50,7 +50,7 @@ def test_train_checkpoint_evaluate(tmp_path, data_dir):
     # Seed 0 is the training run's own test list: the same checkpoint gives the same numbers.
     assert 100 * results["runs"]["0"]["miou"] == pytest.approx(miou, abs=0.006)
     assert 100 * results["runs"]["0"]["fbiou"] == pytest.approx(fbiou, abs=0.006)
-    assert set(results["summary"]) == {"miou", "fbiou", "iou_per_class"}
+    assert set(results["summary"]) == {"miou", "fbiou", "iou_per_class", "best_seed"}
 
 
 def test_resume_continues_at_the_right_step(tmp_path, data_dir):

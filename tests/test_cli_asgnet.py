@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fewshotseg.cli import CONFIG_DIR
+from fewshotseg.data.transforms import protocol_transforms
 from fewshotseg.evaluate import load_run
 from fewshotseg.train import train
 from helpers import TINY_OVERRIDES, build_on_meta, compose_config, compose_train_cfg, run_cli
@@ -79,12 +80,12 @@ def test_panet_preset():
     assert cfg.method.optimizer.lr == 1e-3 and cfg.method.optimizer.weight_decay == 5e-4
     assert list(cfg.method.scheduler.milestones) == [10000, 20000]
     assert cfg.trainer.max_steps == 30000 and cfg.data.batch_size == 1
-    assert OmegaConf.to_container(cfg.data.train_transform) == {
-        "_target_": "fewshotseg.data.transforms.resize_transform",
-        "size": 417,
-        "flip_p": 0.5,
-    }
-    assert cfg.data.test_transform.size == 417 and cfg.eval_resolution == "input"
+    # PANet's protocol: resize 417 + flip for training, resize 417 for the test, scored at 417
+    settings = cfg.data.protocols[cfg.data.protocol]
+    train_t, test_t = protocol_transforms(settings.train, settings.test, settings.size)
+    assert train_t.description == test_t.description == "squash-resize to 417 x 417"
+    assert [type(op).__name__ for op in train_t.pipeline.transforms][:2] == ["Resize", "HorizontalFlip"]
+    assert cfg.data.train_transform is None and settings.eval_resolution == "input"
     model = build_on_meta(cfg)
     assert sum(p.numel() for p in model.backbone.parameters()) == 14_714_688
 

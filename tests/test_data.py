@@ -156,7 +156,7 @@ def test_train_crop_keeps_foreground_and_pads_with_ignore():
     image = np.zeros((40, 40, 3), np.uint8)
     mask = np.zeros((40, 40), np.uint8)
     mask[2:6, 2:6] = 1  # a small object in a corner, easily cropped away
-    transform = train_transform(57, keep_foreground_tries=10)
+    transform = train_transform(57, crop_redraws=10)
     for seed in range(10):
         transform.set_seed(seed)
         img, out = transform(image, mask)

@@ -179,6 +179,7 @@ EXPECTED = {  # (data, protocol): test transform, size, episodes, order, min_are
     ("coco", "hsnet"): (PairTransform, 400, 1000, "class", 0, "input", PairTransform),
     ("fss1000", None): (PairTransform, 400, 2400, "pair", 0, "input", PairTransform),
     ("fss1000", "pfenet"): (PadTransform, 473, 2400, "pair", 0, "original", AugmentTransform),
+    ("pascal", "panet"): (PairTransform, 417, 1000, "class", 0, "input", PairTransform),
 }
 
 
@@ -236,3 +237,28 @@ def test_evaluate_config_accepts_a_protocol():
     cfg = compose_config("evaluate", ["ckpt=x.ckpt", "protocol=hsnet"])
     plain = compose_config("evaluate", ["ckpt=x.ckpt"])
     assert cfg.data.protocol == "hsnet" and plain.data.protocol is None
+
+
+def test_panet_protocol_tests_on_the_training_split_class_first(roots):
+    dm = instantiate(compose_data("pascal", roots["pascal"], "protocol=panet").data)
+    assert (dm.test_split, dm.train_order, dm.fold_split) == ("train", "class", "consecutive")
+    dm.prepare_data()
+    episodes = dm._test_episodes()
+    train_ids = set(dm._index("train"))
+    assert episodes and all(e.query in train_ids and e.class_id in dm.novel for e in episodes)
+
+
+def test_selection_chooses_the_validation_episodes(roots):
+    def val_and_test(*overrides):
+        dm = instantiate(compose_data("pascal", roots["pascal"], "data.num_val_episodes=6",
+                                      "data.num_test_episodes=6", *overrides).data)  # fmt: skip
+        return dm._val_episodes(), dm._test_episodes()
+
+    held_out, test = val_and_test()
+    assert held_out != test  # seed test_seed + 1
+    assert val_and_test("data.val_seed=1")[0] == held_out  # test_seed 0 + 1: the same list
+    assert val_and_test("data.val_seed=5")[0] != held_out
+    authors, test = val_and_test("selection=test_episodes")
+    assert authors == test  # the authors' selection: validated on the test episodes
+    with pytest.raises(Exception, match="selection='best'"):
+        val_and_test("selection=best")

@@ -281,3 +281,22 @@ def test_qgnet_presets():
     )
     assert list(coco.method.model.bins) == [1.0, 0.5, 0.25, 0.125] and coco.data.fold_split == "interleaved"
     assert compose_config("train", ["method=qgnet", "data=pascal"]).data.num_test_episodes == 5000
+
+
+def test_random_weights_warning_only_for_init_random(tmp_path, caplog):
+    """The prior extractor is frozen either way; only with init=random are its weights random (the
+    tiny main backbone may warn too: counted against init=supervised_copy, which builds no extractor)."""
+    torch.save({"state_dict": resnet18_state(3, with_fc=False), "arch": "resnet18"}, tmp_path / "export.pth")
+
+    def warnings(init):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fewshotseg.backbones"):
+            model = tiny_qgnet({"init": init, "weights": str(tmp_path / "export.pth")})
+        return model, sum("random weights" in r.getMessage() for r in caplog.records)
+
+    _, main_only = warnings("supervised_copy")
+    for init, extra in (("random", 1), ("weights", 0), ("checkpoint", 0)):
+        model, n = warnings(init)
+        assert n == main_only + extra, init
+        assert model.prior_extractor.frozen
+        assert not any(p.requires_grad for p in model.prior_extractor.parameters())

@@ -159,10 +159,11 @@ def test_evaluate_errors(tmp_path):
 def test_train_writes_results_json_and_per_class_csv(tiny_run):
     record = json.loads((tiny_run / "results.json").read_text())
     assert record["run"] == {"method": "panet", "backbone": "resnet18", "data": "synthetic", "fold": 0,
-                             "shot": 1, "seed": 3, "protocol": None}  # fmt: skip
+                             "shot": 1, "seed": 3, "protocol": None, "num_folds": 4}  # fmt: skip
     assert record["ckpt"].endswith(".ckpt") and set(record["runs"]) == {"0"}
     per_class = record["runs"]["0"]["iou_per_class"]
-    assert record["summary"]["miou"] == {"mean": record["runs"]["0"]["miou"], "std": 0.0}
+    miou = record["runs"]["0"]["miou"]
+    assert record["summary"]["miou"] == {"mean": miou, "std": 0.0, "best": miou, "worst": miou, "n": 1}
     (table,) = (tiny_run / "csv").glob("version_*/test_iou_per_class.csv")
     assert (table.parent / "metrics.csv").is_file()  # next to metrics.csv
     with table.open() as fh:

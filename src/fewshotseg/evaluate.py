@@ -8,7 +8,7 @@
 given here override the stored ones). `weights=` evaluates the authors' released checkpoint: the
 run is composed as `train` would compose it and the file is mapped onto the method by the rename
 table its contract declares (`official_names`, methods/base.py). Prints IoU per class and seed,
-then mIoU and FB-IoU as mean +- std over the seeds, and writes them to results.json in the run
+then mIoU and FB-IoU as mean +- sample std and best over the seeds, and writes them to results.json in the run
 folder (the format `train` writes too). The seeds share one feature cache: a frozen backbone runs
 once per image of the fold (`feature_reuse`, docs/benchmarks.md; its hit rate is printed).
 """
@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewshotseg.cli import hydra_main, user_errors
-from fewshotseg.results import format_table, summarise, write_results
+from fewshotseg.results import format_table, how_obtained, selection_of, summarise, write_results
 from fewshotseg.runs import load_model, load_run, seed_list  # noqa: F401 - load_run re-exported
 
 
@@ -41,7 +41,9 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = summarise(runs)
     print(format_table(runs, summary, datamodule))
     out = Path(cfg.paths.output_dir) / "results.json"
-    write_results(out, OmegaConf.create(module.config), runs, ckpt=cfg.ckpt, weights=cfg.weights)
+    selection = selection_of((module.config or {}).get("selection"), cfg.ckpt, cfg.weights)
+    how = how_obtained(module, datamodule, trainer, list(runs), selection)
+    write_results(out, OmegaConf.create(module.config), runs, how, ckpt=cfg.ckpt, weights=cfg.weights)
     print(f"results written to {out}")
     return summary
 

@@ -2,13 +2,21 @@
 
     python -m fewshotseg.train -m method=panet,asgnet fold=0,1,2,3 shot=1,5
     python -m fewshotseg.report logs/train/multiruns/<date> [more run or sweep folders] [--out report/]
+    python -m fewshotseg.report ... --seed-stat best     # each run's best test seed instead of the mean
 
-Every `results.json` under the given folders (written by `train` and `evaluate`) is one run. Rows
-are method x backbone x shot (one table per dataset and protocol), columns fold 0..3 and their
-mean, for mIoU, FB-IoU and any other metric the runs hold (e.g. Sym-Net's meta_miou). A cell is the
-run's value (its mean over test seeds); with several runs of one cell (training seeds) it is
-mean +- std over them. The mean column is the mean over the folds present (the paper number); its
-std is over the training seeds when every fold has the same seeds. Charts: mIoU per fold per row,
+Every `results.json` under the given folders (written by `train` and `evaluate`) is one run. Runs
+are grouped into tables by dataset and by everything their record says changes a number (protocol,
+test split, test input, scoring resolution, episodes, query order, fold split, test seeds, checkpoint
+selection, novel-image rule, precision: `results.HOW_FIELDS`), so runs obtained differently never
+share a table; a record that lacks one of these fields is flagged. Rows are method x backbone x shot
+(and the class-name table, when a method reads one), columns fold 0..3 and their mean, for mIoU,
+FB-IoU and any other metric the runs hold (e.g. Sym-Net's meta_miou).
+
+A cell is the run's mean over its test seeds (`--seed-stat best`: its best seed; the table says
+which). With several runs of one cell (training seeds) it is mean +- sample std (n - 1) over them;
+two runs of the same cell with the same training seed are both kept, with a warning. The mean column
+is the mean over the folds present (the paper number), marked when fewer than the dataset's folds;
+its std is over the training seeds when every fold has the same ones. Charts: mIoU per fold per row,
 and per-class IoU per row (each class from the fold where it is novel).
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,8 +34,14 @@ from pathlib import Path
 
 from fewshotseg.cli import user_errors
 from fewshotseg.errors import ConfigError
+from fewshotseg.results import HOW_FIELDS
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU"}
+SEED_STATS = {"mean": "the mean over the run's test seeds", "best": "the run's best test seed (optimistic)"}
+ROW_FIELDS = ("class_name_table",)  # HOW_FIELDS that name a row (a method's own input), not a table
+TABLE_FIELDS = tuple(f for f in HOW_FIELDS if f not in ROW_FIELDS)
 
 
 @dataclass
@@ -39,23 +54,38 @@ class Run:
     fold: int
     shot: int
     seed: int | None
-    metrics: dict[str, float]  # the mean over the run's test seeds
+    metrics: dict[str, float]  # the mean (or best) over the run's test seeds
     iou_per_class: dict[str, float]
+    how: dict = field(default_factory=dict)  # the record's HOW_FIELDS
+    num_folds: int = 4  # the dataset's
+
+    @property
+    def missing(self) -> list[str]:
+        return [f for f in HOW_FIELDS if f not in self.how]
+
+    def setting(self, name: str) -> str:
+        value = self.how.get(name, "unrecorded")
+        return "default" if name == "protocol" and value is None else str(value)
 
 
 @dataclass
 class Row:
-    """One table row: a method x backbone x shot on one dataset and protocol."""
+    """One table row: a method x backbone x shot (x class-name table) in one section."""
 
-    key: tuple[str, str, str, str, int]  # data, protocol, method, backbone, shot
+    key: tuple  # section key..., method, backbone, shot, class-name table
     runs: list[Run] = field(default_factory=list)
 
     @property
+    def method(self) -> str:
+        names = self.key[-1]
+        return self.key[-4] if names in ("None", "unrecorded") else f"{self.key[-4]} ({names})"
+
+    @property
     def label(self) -> str:
-        return f"{self.key[2]} / {self.key[3]} / {self.key[4]}-shot"
+        return f"{self.method} / {self.key[-3]} / {self.key[-2]}-shot"
 
 
-def read_run(path: Path) -> Run:
+def read_run(path: Path, seed_stat: str = "mean") -> Run:
     try:
         record = json.loads(path.read_text())
         info, summary = record["run"], record["summary"]
@@ -63,9 +93,14 @@ def read_run(path: Path) -> Run:
         raise ConfigError(
             f"{path}: not a fewshotseg results.json with 'run' and 'summary' ({type(e).__name__}: {e})"
         ) from e
-    metrics = {
-        k: float(v["mean"]) for k, v in summary.items() if k != "iou_per_class" and isinstance(v, dict)
-    }
+    how = dict(record.get("how") or {})
+    if "protocol" not in how and "protocol" in info:  # older records: the run's protocol only
+        how["protocol"] = info["protocol"]
+
+    def stat(v: dict) -> float:
+        return float(v.get(seed_stat, v["mean"]) if seed_stat == "best" else v["mean"])
+
+    metrics = {k: stat(v) for k, v in summary.items() if k != "iou_per_class" and isinstance(v, dict)}
     return Run(
         path=path,
         method=str(info.get("method")),
@@ -77,10 +112,12 @@ def read_run(path: Path) -> Run:
         seed=info.get("seed"),
         metrics=metrics,
         iou_per_class={c: float(v["mean"]) for c, v in summary.get("iou_per_class", {}).items()},
+        how=how,
+        num_folds=int(info.get("num_folds") or 4),
     )
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+def find_runs(paths: Iterable[str | Path], seed_stat: str = "mean") -> list[Run]:
     """Every results.json in the given run/sweep folders (or the files themselves), sorted."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -95,43 +132,64 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
             files += found
         else:
             raise ConfigError(f"{p}: no such run or sweep folder")
-    return [read_run(f) for f in dict.fromkeys(files)]
+    return [read_run(f, seed_stat) for f in dict.fromkeys(files)]
+
+
+def section_key(run: Run) -> tuple:
+    return (run.data, *(run.setting(f) for f in TABLE_FIELDS))
 
 
 def group_rows(runs: list[Run]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for run in runs:
-        key = (run.data, run.protocol, run.method, run.backbone, run.shot)
+        key = (*section_key(run), run.method, run.backbone, run.shot, run.setting("class_name_table"))
         rows.setdefault(key, Row(key)).runs.append(run)
-    return [rows[k] for k in sorted(rows)]
+    return [rows[k] for k in sorted(rows, key=lambda k: tuple(map(str, k)))]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean, and the std when there are several values (population std, as `evaluate`)."""
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else None)
+    """Mean, and the sample std (n - 1, as `evaluate`) when there are several values."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def duplicates(row: Row) -> list[str]:
+    """One line per cell that holds two runs with the same training seed (both are kept)."""
+    seen: dict[tuple, list[Path]] = defaultdict(list)
+    for run in row.runs:
+        seen[(run.fold, run.seed)].append(run.path)
+    return [
+        f"{row.label}, fold {fold}, training seed {seed}: {len(paths)} runs, all kept ({', '.join(map(str, paths))})"
+        for (fold, seed), paths in seen.items()
+        if len(paths) > 1
+    ]
 
 
 def row_cells(row: Row, metric: str, folds: list[int]) -> dict[str, tuple[float, float | None] | None]:
     """{'fold0': (mean, std), ..., 'mean': (mean, std)} of one metric; None where no run exists."""
-    by_fold: dict[int, dict] = defaultdict(dict)  # fold -> {seed or index: value}
-    for i, run in enumerate(row.runs):
+    by_fold: dict[int, list[tuple]] = defaultdict(list)  # fold -> [(training seed, value)]
+    for run in row.runs:
         if metric in run.metrics:
-            seed = run.seed if run.seed is not None else f"#{i}"
-            by_fold[run.fold][seed] = run.metrics[metric]
+            by_fold[run.fold].append((run.seed, run.metrics[metric]))
     cells: dict[str, tuple[float, float | None] | None] = {
-        f"fold{f}": _mean_std(list(by_fold[f].values())) if by_fold.get(f) else None for f in folds
+        f"fold{f}": _mean_std([v for _, v in by_fold[f]]) if by_fold.get(f) else None for f in folds
     }
     present = [f for f in folds if by_fold.get(f)]
     if not present:
         cells["mean"] = None
         return cells
-    seed_sets = {frozenset(by_fold[f]) for f in present}
-    if len(seed_sets) == 1 and len(next(iter(seed_sets))) > 1:  # the same seeds in every fold
-        seeds = sorted(next(iter(seed_sets)), key=str)
-        cells["mean"] = _mean_std([statistics.fmean(by_fold[f][s] for f in present) for s in seeds])
+    seeds = {f: [s for s, _ in by_fold[f]] for f in present}
+    first = seeds[present[0]]
+    same_seeds = all(sorted(map(str, s)) == sorted(map(str, first)) for s in seeds.values())
+    if same_seeds and len(first) > 1 and len(set(map(str, first))) == len(first) and None not in first:
+        per_seed = [statistics.fmean(dict(by_fold[f])[s] for f in present) for s in first]
+        cells["mean"] = _mean_std(per_seed)
     else:
         cells["mean"] = (statistics.fmean(cells[f"fold{f}"][0] for f in present), None)
     return cells
+
+
+def folds_in_mean(row: Row, metric: str) -> int:
+    return len({run.fold for run in row.runs if metric in run.metrics})
 
 
 def _fmt(cell: tuple[float, float | None] | None) -> str:
@@ -147,11 +205,12 @@ def metrics_of(rows: list[Row]) -> list[str]:
     return [m for m in METRIC_NAMES if m in found] + sorted(found - set(METRIC_NAMES))
 
 
-def sections(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
-    """Rows per (dataset, protocol): numbers of different benchmarks or protocols never share a table."""
-    out: dict[tuple[str, str], list[Row]] = defaultdict(list)
+def sections(rows: list[Row]) -> dict[tuple, list[Row]]:
+    """Rows per (dataset, how it was obtained): runs of different protocols, resolutions, episode
+    counts, seeds, selections or precisions never share a table."""
+    out: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
-        out[row.key[:2]].append(row)
+        out[row.key[: 1 + len(TABLE_FIELDS)]].append(row)
     return dict(out)
 
 
@@ -161,12 +220,31 @@ def folds_of(rows: list[Row]) -> list[int]:
     return list(range(max(4, max(seen) + 1))) if seen else [0, 1, 2, 3]
 
 
-def markdown(rows: list[Row]) -> str:
+def warnings_of(rows: list[Row]) -> list[str]:
+    """Duplicate runs of a cell, and records that lack a field of how they were obtained."""
+    notes = [line for row in rows for line in duplicates(row)]
+    for row in rows:
+        for run in row.runs:
+            if run.missing:
+                notes.append(
+                    f"{run.path}: the record lacks {', '.join(run.missing)} (written by an older version?)"
+                )
+    return notes
+
+
+def markdown(rows: list[Row], seed_stat: str = "mean") -> str:
     out = []
-    for (data, protocol), section in sections(rows).items():
+    for key, section in sections(rows).items():
+        data, protocol = key[0], key[1]
         folds = folds_of(section)
         n_runs = sum(len(r.runs) for r in section)
         out.append(f"## {data} (protocol: {protocol}), {n_runs} runs\n")
+        out += [
+            f"- {name.replace('_', ' ')}: {value}"
+            for name, value in zip(TABLE_FIELDS[1:], key[2:], strict=True)
+        ]
+        out.append(f"- each cell: {SEED_STATS[seed_stat]}; several runs of a cell (training seeds): "
+                   "mean ± sample std over them\n")  # fmt: skip
         for metric in metrics_of(section):
             head = ["method", "backbone", "shot", *(f"fold {f}" for f in folds), "mean"]
             out.append(f"**{METRIC_NAMES.get(metric, metric)}** (%)\n")
@@ -176,21 +254,28 @@ def markdown(rows: list[Row]) -> str:
                 cells = row_cells(row, metric, folds)
                 if cells["mean"] is None:  # a metric other methods report (e.g. meta_miou)
                     continue
-                values = [_fmt(cells[f"fold{f}"]) for f in folds] + [f"**{_fmt(cells['mean'])}**"]
-                out.append("| " + " | ".join([row.key[2], row.key[3], str(row.key[4]), *values]) + " |")
+                n, total = folds_in_mean(row, metric), row.runs[0].num_folds
+                partial = f" ({n} of {total} folds)" if n < total else ""
+                values = [_fmt(cells[f"fold{f}"]) for f in folds] + [f"**{_fmt(cells['mean'])}**{partial}"]
+                out.append("| " + " | ".join([row.method, row.key[-3], str(row.key[-2]), *values]) + " |")
             out.append("")
+    notes = warnings_of(rows)
+    if notes:
+        out.append("## Warnings\n")
+        out += [f"- {n}" for n in notes]
+        out.append("")
     return "\n".join(out)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    """One line per row and metric: each fold's mean and std (fractions, not %), and the runs used."""
+    """One line per row and metric: how the runs were obtained, each fold's mean and std (fractions,
+    not %), the folds in the mean against the dataset's, and the runs used."""
     all_folds = sorted({f for (_, section) in sections(rows).items() for f in folds_of(section)})
     cols = [c for f in all_folds for c in (f"fold{f}", f"fold{f}_std")]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(
-            ["data", "protocol", "method", "backbone", "shot", "metric", *cols, "mean", "mean_std", "runs"]
-        )
+        writer.writerow(["data", *TABLE_FIELDS, "method", "backbone", "shot", "class_name_table", "metric", *cols,
+                         "mean", "mean_std", "folds_in_mean", "dataset_folds", "runs"])  # fmt: skip
         for row in rows:
             for metric in metrics_of([row]):
                 cells = row_cells(row, metric, all_folds)
@@ -202,7 +287,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
                         if cell is None
                         else [f"{cell[0]:.6f}", "" if cell[1] is None else f"{cell[1]:.6f}"]
                     )
-                writer.writerow([*row.key, metric, *values, len(row.runs)])
+                writer.writerow([*row.key, metric, *values, folds_in_mean(row, metric), row.runs[0].num_folds,
+                                 len(row.runs)])  # fmt: skip
 
 
 def _slug(*parts) -> str:
@@ -235,8 +321,11 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    written = []
-    for (data, protocol), section in sections(rows).items():
+    written, used = [], defaultdict(int)
+    for key, section in sections(rows).items():
+        data, protocol = key[0], key[1]
+        used[(data, protocol)] += 1  # a second table of the same dataset and protocol: _2, ...
+        slug = _slug(data, protocol) + (f"_{used[(data, protocol)]}" if used[(data, protocol)] > 1 else "")
         folds = folds_of(section)
         width = 0.8 / len(section)
         # mIoU per fold (and the mean), error bars = std over training seeds
@@ -253,7 +342,7 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
         ax.set_xticks(x, [*(f"fold {f}" for f in folds), "mean"])
         _finish(ax, len(x), "mIoU (%)", f"mIoU per fold: {data} ({protocol})")
         fig.tight_layout()
-        written.append(out / f"miou_per_fold_{_slug(data, protocol)}.png")
+        written.append(out / f"miou_per_fold_{slug}.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
@@ -272,19 +361,26 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
         ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
         _finish(ax, len(x), "IoU (%)", f"IoU per novel class: {data} ({protocol})")
         fig.tight_layout()
-        written.append(out / f"iou_per_class_{_slug(data, protocol)}.png")
+        written.append(out / f"iou_per_class_{slug}.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
 
 
-def report(paths: Iterable[str | Path], out: str | Path = "report", plots: bool = True) -> dict:
-    """Read the runs, write report.md, report.csv and the charts into `out`; returns what it wrote."""
-    runs = find_runs(paths)
+def report(paths: Iterable[str | Path], out: str | Path = "report", plots: bool = True,
+           seed_stat: str = "mean") -> dict:  # fmt: skip
+    """Read the runs, write report.md, report.csv and the charts into `out`; returns what it wrote
+    and the warnings (duplicate runs of a cell, records lacking a field), which are also logged."""
+    if seed_stat not in SEED_STATS:
+        raise ConfigError(f"--seed-stat {seed_stat}: expected one of {list(SEED_STATS)}")
+    runs = find_runs(paths, seed_stat)
     rows = group_rows(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(rows)
+    md = markdown(rows, seed_stat)
+    notes = warnings_of(rows)
+    for note in notes:
+        log.warning(note)
     (out / "report.md").write_text(f"# Results ({len(runs)} runs)\n\n{md}")
     write_csv(rows, out / "report.csv")
     pngs = charts(rows, out) if plots else []
@@ -292,6 +388,7 @@ def report(paths: Iterable[str | Path], out: str | Path = "report", plots: bool 
         "runs": runs,
         "rows": rows,
         "markdown": md,
+        "warnings": notes,
         "files": [out / "report.md", out / "report.csv", *pngs],
     }
 
@@ -304,9 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", help="run or sweep folders (searched for results.json), or files")
     parser.add_argument("--out", default="report", help="folder for report.md, report.csv and the PNGs")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--seed-stat", default="mean", choices=list(SEED_STATS),
+                        help="a cell is each run's mean over its test seeds (default) or its best seed")  # fmt: skip
     args = parser.parse_args(argv)
+    logging.basicConfig(format="fewshotseg: warning: %(message)s", level=logging.WARNING)
     with user_errors():
-        result = report(args.paths, args.out, plots=not args.no_plots)
+        result = report(args.paths, args.out, plots=not args.no_plots, seed_stat=args.seed_stat)
     print(result["markdown"])
     print("written: " + ", ".join(str(p) for p in result["files"]))
 

@@ -8,12 +8,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def poly(optimizer: Optimizer, total_steps: int, power: float = 0.9, warmup_steps: int = 0) -> LambdaLR:
-    """lr = base_lr * (1 - step / total_steps) ** power (PFENet, ASGNet), after an optional linear warm-up."""
+    """The optimizer step k = 0, 1, ... uses lr = base_lr * (1 - (k + 1) / total_steps) ** power, after
+    an optional linear warm-up. The PFENet and BAM families count `current_iter = i + 1` before
+    setting the lr of update i, so their first update already decays and the last one has lr 0."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+        return max(0.0, 1.0 - (step + 1) / max(1, total_steps)) ** power
 
     return LambdaLR(optimizer, factor)
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from fewshotseg.cli import hydra_main, instantiate_group, user_errors
 from fewshotseg.loggers import finish_wandb, log_lightning_to_run_folder, prepare_wandb
 from fewshotseg.methods.base import method_class
-from fewshotseg.results import format_test_results, write_results
+from fewshotseg.results import format_test_results, how_obtained, selection_of, write_results
 from fewshotseg.runs import build_run, check_resume
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,15 @@ def train(cfg: DictConfig) -> dict:
     results: dict = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = "" if cfg.get("selection") == "last" else best  # last: the weights in memory
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         results = module.test_results
     finish_wandb(loggers)
     if trainer.is_global_zero and results:  # the same results.json as `evaluate` writes (read by `report`)
         runs = {getattr(datamodule, "test_seed", 0): results}
+        how = how_obtained(module, datamodule, trainer, list(runs), selection_of(cfg.get("selection"), best))
         write_results(
-            Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, ckpt=best or None
+            Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, how, ckpt=best or None
         )
         if method_class(cfg).task == "episodes":  # a semantic stage's module prints its own
             print(format_test_results(results, datamodule))

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from fewshotseg.data.episode import collate_episodes
 from fewshotseg.data.index import ClassIndex, load_class_index
 from fewshotseg.data.sampling import (
+    TRAIN_ORDERS,
     EpisodeSpec,
-    draw_supports,
+    draw_train_episode,
     images_per_class,
     load_or_create_episodes,
     pick_class,
@@ -48,10 +49,12 @@ PROTOCOL_KEYS = (
     "scale",
     "num_test_episodes",
     "test_order",
+    "train_order",
     "min_area",
     "eval_resolution",
 )
 TEST_ORDERS = ("image", "pair", "class")
+SELECTIONS = ("held_out", "test_episodes", "last")  # the top-level `selection` (conf/train.yaml)
 TASKS = ("episodes", "semantic")
 
 
@@ -123,12 +126,13 @@ class _EpisodeReader(Dataset):
 
 
 class TrainEpisodes(_EpisodeReader):
-    """One item per query image (not class-balanced), as the PFENet family trains."""
+    """One item per query image, drawn image-first (order="image", not class-balanced: the PFENet
+    family) or class-first (order="class": PANet); an epoch has one item per query image either way."""
 
     def __init__(self, source, transform, shot, index: ClassIndex, classes: list[int], min_area: int = 0,
-                 base: list[int] | None = None):  # fmt: skip
+                 base: list[int] | None = None, order: str = "image"):  # fmt: skip
         super().__init__(source, transform, shot, base)
-        self.index = index
+        self.index, self.order = index, order
         self.pools = images_per_class(index, classes, min_area)
         rng = np.random.default_rng(0)  # only asks whether some class of the query can be supported
         self.queries = [
@@ -143,9 +147,7 @@ class TrainEpisodes(_EpisodeReader):
     def __getitem__(self, key) -> dict:
         i, rng = item_key(key)  # TrainOrder's (index, (seed, epoch, position)): resumable, any worker count
         self.transform.set_seed(int(rng.integers(2**31)))
-        query = self.queries[i]
-        c = pick_class(rng, self.index[query], self.pools, query)
-        spec = EpisodeSpec(query, c, draw_supports(rng, self.pools[c], query, self.shot))
+        spec = draw_train_episode(rng, self.order, self.queries[i], self.index, self.pools, self.shot)
         return self._episode(spec, -1)[0]
 
 
@@ -214,7 +216,10 @@ class FewShotDataModule(LightningDataModule):
         num_test_episodes: int | None = None,
         test_seed: int = 0,
         test_order: str | None = None,
+        train_order: str | None = None,
         val_split: str | None = None,
+        val_seed: int | None = None,
+        selection: str = "held_out",
         exclude_novel_in_train: bool = False,
         protocol: str | None = None,
         protocols: Mapping | None = None,
@@ -234,7 +239,7 @@ class FewShotDataModule(LightningDataModule):
         self.source = source(root=root)  # a partial: the config names the dataset, data.root the place
         self.protocol = protocol
         settings = resolve_protocol(protocol, protocols)
-        self.fold, self.shot = fold, shot
+        self.fold, self.shot, self.fold_split = fold, shot, fold_split
         classes = self.source.class_split(fold, num_folds, fold_split)  # validates fold
         self.base, self.val_classes, self.novel = classes.train, classes.val, classes.test
         self.train_split, self.test_split = train_split, test_split
@@ -250,6 +255,12 @@ class FewShotDataModule(LightningDataModule):
         self.test_order = test_order if test_order is not None else settings.get("test_order", "image")
         if self.test_order not in TEST_ORDERS:
             raise ConfigError(f"data.test_order={self.test_order!r}: expected one of {list(TEST_ORDERS)}")
+        self.train_order = train_order if train_order is not None else settings.get("train_order", "image")
+        if self.train_order not in TRAIN_ORDERS:
+            raise ConfigError(f"data.train_order={self.train_order!r}: expected one of {list(TRAIN_ORDERS)}")
+        if selection not in SELECTIONS:
+            raise ConfigError(f"selection={selection!r}: expected one of {list(SELECTIONS)}")
+        self.selection, self.val_seed = selection, val_seed
         self.eval_resolution = settings.get("eval_resolution", "input")  # read by FewShotSegModule
         if train_transform is None or test_transform is None:
             if not settings:
@@ -287,7 +298,12 @@ class FewShotDataModule(LightningDataModule):
         )  # fmt: skip
 
     def _val_episodes(self) -> list[EpisodeSpec]:
-        return self._episodes(self.val_split, self.val_classes, self.num_val_episodes, self.test_seed + 1)
+        """selection=test_episodes: the test list itself (the authors' way: optimistic); otherwise
+        episodes drawn with val_seed (null: test_seed + 1), held out from the test list."""
+        if self.selection == "test_episodes":
+            return self._test_episodes()
+        seed = self.test_seed + 1 if self.val_seed is None else self.val_seed
+        return self._episodes(self.val_split, self.val_classes, self.num_val_episodes, seed)
 
     def _test_episodes(self, num_episodes: int | None = None, seed: int | None = None) -> list[EpisodeSpec]:
         n = self.num_test_episodes if num_episodes is None else num_episodes
@@ -343,6 +359,7 @@ class FewShotDataModule(LightningDataModule):
                 self.base,
                 self.min_area,
                 base,
+                self.train_order,
             )
             self.val_set = FixedEpisodes(
                 self.source, self.test_transform, self.shot, self._val_episodes(), base

@@ -1,7 +1,8 @@
 """Episode sampling.
 
-Training episodes are drawn at random (PFENet family: walk the query images, pick one of the base
-classes present, draw K supports of that class other than the query). Test episodes are drawn once
+Training episodes are drawn at random: image-first (PFENet family: walk the query images, pick one
+of the base classes present, draw K supports of that class other than the query) or class-first
+(PANet: a class uniformly, then K + 1 distinct images of it, the last one the query). Test episodes are drawn once
 from a seed and saved to a file, so every method, worker count, batch size and device count is
 evaluated on the same episodes.
 """
@@ -62,6 +63,28 @@ def pick_class(
     """A class of `pools` present in the query that has at least one other image to support it."""
     present = sorted(c for c in areas if c in pools and any(i != query for i in pools[c][:2]))
     return int(rng.choice(present)) if present else None
+
+
+TRAIN_ORDERS = ("image", "class")
+
+
+def draw_train_episode(rng: np.random.Generator, order: str, query: str | None, index: ClassIndex,
+                       pools: dict[int, list[str]], shot: int) -> EpisodeSpec:  # fmt: skip
+    """One training episode. order="image": `query` and a class present in it that another image
+    can support (PFENet); a frequent class comes up as often as it is shown. order="class": a class
+    uniformly among those with two images or more, then shot + 1 distinct images of it (fewer:
+    repeats), the first `shot` the supports, the last the query (PANet's `PairedDataset`); `query`
+    is not used."""
+    if order == "image":
+        c = pick_class(rng, index[query], pools, query)
+        return EpisodeSpec(query, c, draw_supports(rng, pools[c], query, shot))
+    if order == "class":
+        usable = [c for c in sorted(pools) if len(pools[c]) >= 2]
+        c = usable[int(rng.integers(len(usable)))]
+        pool = pools[c]
+        picks = rng.choice(len(pool), size=shot + 1, replace=len(pool) < shot + 1)
+        return EpisodeSpec(pool[int(picks[-1])], c, tuple(pool[int(p)] for p in picks[:-1]))
+    raise ValueError(f"unknown training episode order {order!r}: expected one of {list(TRAIN_ORDERS)}")
 
 
 def sample_test_episodes(

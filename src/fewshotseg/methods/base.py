@@ -16,6 +16,8 @@ A method is a `Method` (an `nn.Module`) in `methods/<name>.py` with its config i
   the files.
 - `official_names`: the rename table of the authors' released checkpoints (`weights=`), or None
   where there is no release to load.
+- `class_name_table`: which class-name embedding table an instance reads (a file name or the
+  encoder), recorded in results.json; None for a method that reads none.
 - In evaluation `forward` may return `ExtraLogits` in place of its (training-only) losses: more
   logits to score, by name.
 """
@@ -71,6 +73,7 @@ class Method(nn.Module):
     reads_class_names: ClassVar[bool] = False
     stages: ClassVar[tuple[Stage, ...]] = ()
     official_names: ClassVar[RenameTable | None] = None
+    class_name_table: str | None = None
 
 
 def method_class(cfg: DictConfig) -> type[Method]:

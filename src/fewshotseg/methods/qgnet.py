@@ -26,6 +26,8 @@ The prior extractor (`prior_extractor` options):
   frozen paper backbone exactly a frozen copy). NOT faithful: the paper's extractor is trained
   without labels. Needs no file and no second backbone pass (the synthetic benchmark's default).
 - `init: random`: `name` with random weights (an ablation).
+- `init: checkpoint`: built empty for the method's own checkpoint to fill (what `evaluate`/`predict
+  ckpt=` use; no file read, no random-weights warning).
 - `bn_mode: eval` (default) keeps its BatchNorm statistics fixed. The official code leaves it in
   train mode, so the statistics drift during FSS training: `bn_mode: train` reproduces that. The
   default is a documented deviation (docs/methods/qgnet.md).
@@ -120,7 +122,7 @@ class QGNet(PFENet):
 
     Args: as :class:`PFENet`, plus
         prior_extractor: options of the prior extractor (see the module docstring): `name`,
-            `init` (weights | supervised_copy | random), `weights`, `encoder`, `bn_mode`.
+            `init` (weights | supervised_copy | random | checkpoint), `weights`, `encoder`, `bn_mode`.
     """
 
     official_names = OFFICIAL_NAMES
@@ -128,7 +130,7 @@ class QGNet(PFENet):
     stages = (
         Stage(
             module="prior_extractor",
-            restore={"prior_extractor.init": "random"},
+            restore={"prior_extractor.init": "checkpoint"},
             produced_by="fewshotseg.pretrain",
             load={
                 "prior_extractor.init": "weights",
@@ -158,9 +160,9 @@ class QGNet(PFENet):
             )
         opts = {**PRIOR_EXTRACTOR_DEFAULTS, **opts}
         self.prior_init = opts["init"]
-        if self.prior_init not in ("weights", "supervised_copy", "random"):
+        if self.prior_init not in ("weights", "supervised_copy", "random", "checkpoint"):
             raise ConfigError(
-                f"{_KEY}.init={self.prior_init!r}: expected 'weights', 'supervised_copy' or 'random'"
+                f"{_KEY}.init={self.prior_init!r}: expected 'weights', 'supervised_copy', 'random' or 'checkpoint'"
             )
         if self.prior_init == "supervised_copy":
             self.prior_extractor = None  # the main backbone's query features stand in
@@ -171,15 +173,21 @@ class QGNet(PFENet):
             state = arch = None
             if self.prior_init == "weights":  # read the file first: a missing file fails fast
                 state, arch = load_prior_extractor_state(opts["weights"], opts["encoder"])
+            # Frozen only once its weights are in (a file, or the method's checkpoint after
+            # construction), so that Backbone warns of random frozen weights for init=random only.
+            random_weights = self.prior_init == "random"
             self.prior_extractor = Backbone(
                 name=opts["name"],
                 levels=[self.high_level],
                 output_stride=8,
-                frozen=True,
+                frozen=random_weights,
                 bn_mode=opts["bn_mode"],
             )
             if state is not None:
                 self._load_extractor(state, arch, str(opts["weights"]), opts["name"])
+            if not random_weights:
+                self.prior_extractor.frozen = True
+                self.prior_extractor.requires_grad_(False)
             extractor_channels = self.prior_extractor.channels[self.high_level]
         high_channels = self.backbone.channels[self.high_level]
         self.down_learn_super = _projection(high_channels, reduce_dim, dropout)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ from fewshotseg.modules.fem import FEM, inner_loss, upsample_logits
 from fewshotseg.modules.projection import mid_projection
 from fewshotseg.ops.correlation import hyper_correlation
 from fewshotseg.ops.prototypes import weighted_gap
+from fewshotseg.ops.text import ENCODER
 from fewshotseg.ops.text import text_table as build_text_table
 
 MID_LEVELS = (3, 2)  # cat(layer3, layer2)
@@ -375,6 +377,7 @@ class SymNet(Method):
         table = build_text_table(names, text_table, text_dim, cache, text_prompt)
         self.register_buffer("text_table", table, persistent=False)  # rebuilt from the config, never per step
         self.text_dim = table.shape[1]
+        self.class_name_table = Path(text_table).name if text_table else ENCODER  # recorded in results.json
 
         if freeze_backbone is None:  # BAM: the base learner's backbone is frozen, BN in eval mode
             freeze_backbone = base_learner is not None
