@@ -91,3 +91,10 @@ def test_rejects_bad_class_index():
     metric = FewShotIoU(num_classes=3)
     with pytest.raises(ValueError, match=r"class_idx"):
         metric.update(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.tensor([3]))
+
+
+def test_the_metric_counts_the_episodes_it_scored():
+    metric = FewShotIoU(num_classes=3)
+    pred = torch.zeros(4, 2, 2, dtype=torch.long)
+    metric.update(pred, pred, torch.tensor([0, 1, 1, 2]))
+    assert int(metric.compute()["episodes"]) == 4  # what `train` prints as "test episodes"

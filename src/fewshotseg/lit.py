@@ -67,6 +67,7 @@ class FewShotSegModule(LightningModule):
         # meta-learner-only output): one more FewShotIoU each, made on first sight
         self.extra_iou = nn.ModuleDict()
         self.test_results: dict = {}
+        self.tested_episodes = 0  # episodes the last test scored (fewer than the list under fast_dev_run)
         self.set_feature_reuse(feature_reuse)
 
     def set_feature_reuse(self, settings: Mapping | None = None) -> None:
@@ -189,6 +190,7 @@ class FewShotSegModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         result = self.test_iou.compute()
+        self.tested_episodes = int(result["episodes"])
         per_class = {
             name: float(v) for name, v in zip(self.class_names, result["iou_per_class"].tolist()) if v == v
         }  # classes with episodes only (NaN != NaN)

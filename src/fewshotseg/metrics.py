@@ -62,6 +62,7 @@ class FewShotIoU(Metric):
             "miou": iou[seen].mean() if seen.any() else torch.tensor(float("nan"), dtype=torch.double),
             "fbiou": fb.mean(),
             "iou_per_class": iou_per_class,
+            "episodes": self.episodes.sum(),  # summed over ranks, as every state
         }
 
 

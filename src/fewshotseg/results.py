@@ -128,12 +128,14 @@ def write_results(path: str | Path, cfg: DictConfig | dict, runs: dict[int, dict
     return record
 
 
-def format_test_results(results: dict, datamodule) -> str:
-    """The lines `train` prints after testing on episodes: the episodes, each extra metric a method
-    reports (`<name>_miou`), mIoU and FB-IoU."""
+def format_test_results(results: dict, datamodule, episodes: int | None = None) -> str:
+    """The lines `train` prints after testing on episodes: the episodes scored (`episodes`; null:
+    the whole list), each extra metric a method reports (`<name>_miou`), mIoU and FB-IoU."""
     dm = datamodule
+    listed = len(dm.test_set)
+    count = listed if episodes is None or episodes == listed else f"{episodes} of the list's {listed}"
     lines = [
-        f"test episodes: {len(dm.test_set)} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"
+        f"test episodes: {count} ({dm.source.name} fold {dm.fold}, {dm.shot}-shot, novel classes {dm.novel})"
     ]
     for key in sorted(k for k in results if k.endswith("_miou")):
         lines.append(f"test {key[: -len('_miou')]}-only mIoU: {100 * results[key]:.2f}")
