@@ -113,12 +113,9 @@ def test_predict_not_a_checkpoint_is_one_line(files, tmp_path):
     assert (tmp_path / "out" / ".hydra").is_dir()  # the run's own files go to out=
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: Hydra resolves hydra.run.dir once while composing, before out= is applied, "
-    "so fss.run_dir claims an (empty) default folder under logs/predict/runs",
-)
 def test_predict_with_out_creates_no_other_folder(files, tmp_path):
+    # OmegaConf dereferences hydra.run.dir while merging the config files, before out= applies:
+    # the folder must not be claimed then
     run_cli("fewshotseg.predict", f"ckpt={files}/not_a_checkpoint.ckpt", f"support=[{files}/a.png]",
             f"support_mask=[{files}/a_mask.png]", f"query={files}/a.png", f"out={tmp_path / 'out'}",
             cwd=tmp_path)  # fmt: skip

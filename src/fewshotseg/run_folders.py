@@ -11,6 +11,7 @@ resolves once per launch (its resolver cache is copied to every job of a sweep, 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -39,12 +40,27 @@ def resumed_folder(ckpt_path: str | None) -> Path | None:
     return None
 
 
+def _inside_a_merge() -> bool:
+    """Whether OmegaConf is merging config files: it dereferences interpolations then (to see whether
+    they name a container), before the command line's overrides are applied."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_map_merge" and "omegaconf" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def run_dir(
     base: str, ckpt_path: str | None = None, resume_in_place: bool = True, out: str | None = None
 ) -> str:
     """The folder of a run: `out` when the command names its own output folder (predict's out=),
     the resumed run's own folder (resume_in_place and `ckpt_path` inside a run folder), else a new
     folder claimed from `base`."""
+    if _inside_a_merge():
+        # a folder claimed now would be the wrong one (out=, paths.log_dir=, ... not applied yet);
+        # OmegaConf's merge ignores a failed dereference, and a failure is not cached
+        raise LookupError("a run folder is claimed once the config is complete")
     if out:
         return str(out)
     resumed = resumed_folder(ckpt_path) if resume_in_place else None
