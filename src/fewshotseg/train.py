@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict:
             Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, how, ckpt=best or None
         )
         if method_class(cfg).task == "episodes":  # a semantic stage's module prints its own
-            print(format_test_results(results, datamodule, getattr(module, "tested_episodes", None)))
+            print(format_test_results(results, datamodule, module.tested_episodes))
     return results
 
 
