@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-episodes", type=int, default=None, help="section eval: episodes per seed (default 45)"
     )
+    parser.add_argument(
+        "--eval-methods", default="", help="section eval: comma-separated methods (default: all six)"
+    )
+    parser.add_argument(
+        "--no-eval-training", action="store_true", help="section eval: skip the training-with-validation runs"
+    )
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     here = Path(__file__).parent

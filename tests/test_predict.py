@@ -105,6 +105,43 @@ def test_any_number_of_supports_and_a_query_folder(ckpt, synthetic_root, tmp_pat
         assert np.asarray(Image.open(p)).shape == (64, 64)
 
 
+def test_a_frozen_backbone_computes_the_supports_once_for_all_queries(
+    ckpt, synthetic_root, tmp_path, monkeypatch
+):
+    """Several queries with the same supports: the supports' backbone maps come from the feature
+    cache after the first query, and the masks are those of predict without reuse."""
+    import fewshotseg.predict as predict_module
+
+    loaded = []
+
+    def frozen(cfg):
+        run_cfg, datamodule, module = load_run_frozen(cfg)
+        module.method.backbone.requires_grad_(False)  # as a run with backbone.frozen=true
+        loaded.append(module)
+        return run_cfg, datamodule, module
+
+    load_run_frozen = predict_module.load_model
+    monkeypatch.setattr(predict_module, "load_model", frozen)
+    ids = ["val_000000", "val_000001", "val_000002", "val_000003"]
+    label = np.asarray(Image.open(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png"))
+    cls = int(next(c for c in np.unique(label) if c not in (0, 255)))
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for q in ids[1:]:
+        Image.open(synthetic_root / "JPEGImages" / f"{q}.jpg").save(queries / f"{q}.png")
+    mask = write_mask(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png", cls, tmp_path / "m.png", 255)
+    masks = {}
+    for reuse in ("false", "true"):
+        cfg = compose_tool("predict", [f"ckpt={ckpt}", f"support=[{synthetic_root}/JPEGImages/{ids[0]}.jpg]",
+                                       f"support_mask=[{mask}]", f"query={queries}", f"out={tmp_path / reuse}",
+                                       f"feature_reuse.enabled={reuse}"], tmp_path)  # fmt: skip
+        masks[reuse] = [np.asarray(Image.open(p)) for p in predict(cfg)]
+    cache = loaded[-1].feature_cache
+    assert loaded[0].feature_cache is None and cache.hits >= 2 and cache.misses >= 3, cache.summary()
+    for a, b in zip(masks["false"], masks["true"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("bad")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 
 from fewshotseg.backbones import Backbone
@@ -179,16 +179,24 @@ def test_a_regime_preset_is_what_method_and_backbone_select(path):
     backbone = max(names, key=len)
     method = path.stem[: -len(backbone) - 1]
     cfg = compose_config("train", [f"method={method}", f"backbone={backbone}"])
-    regime = OmegaConf.load(path)
+    regime = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
     def leaves(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, DictConfig):
+            if isinstance(value, dict):
                 yield from leaves(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}", value
 
+    raw = OmegaConf.to_container(cfg, resolve=False)  # ${...} as written
+
+    def written(key):
+        node = raw
+        for part in key.split("."):
+            node = node[part]
+        return node
+
     for key, value in leaves(regime):
-        assert OmegaConf.select(cfg, key) == value, key
+        assert (written(key) if "${" in str(value) else OmegaConf.select(cfg, key)) == value, key
     if cfg.method.model.backbone.frozen:  # a learned decoder on the frozen backbone: the regime's data rule
         assert cfg.data.exclude_novel_in_train is True

@@ -225,6 +225,8 @@ def test_load_base_learner_reads_bams_file_and_names_the_command(tmp_path):
         ConfigError, match=r"python -m fewshotseg.train method=pspnet_base data=pascal fold=2"
     ):
         load_base_learner(tmp_path / "missing.ckpt", target, data="pascal", fold=2)
+    with pytest.raises(ConfigError, match=r"Train it first with `make it`"):  # a preset's own command
+        load_base_learner(tmp_path / "missing.ckpt", target, fold=2, command="make it")
     target.cls[4] = torch.nn.Conv2d(512, 61, 1)  # a COCO head
     with pytest.raises(ConfigError, match="shape mismatch"):
         load_base_learner(path, target)
@@ -238,6 +240,7 @@ def test_cli_trains_the_base_stage_and_its_checkpoint_loads(tmp_path, data_dir):
         "method=pspnet_base",
         "backbone=resnet18",  # the method's own default is the paper's resnet50_psp
         "+trainer.limit_test_batches=2",
+        f"save_weights_to={tmp_path / 'base_learners' / 'fold0.ckpt'}",  # as the regime preset does
     ]
     proc = run_cli("fewshotseg.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -247,6 +250,9 @@ def test_cli_trains_the_base_stage_and_its_checkpoint_loads(tmp_path, data_dir):
     assert "val/miou" in csv and "train/loss" in csv
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    saved = torch.load(tmp_path / "base_learners" / "fold0.ckpt", map_location="cpu", weights_only=True)
+    assert saved["state_dict"].keys() == state.keys()
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in state.items())  # the tested weights
     model = small_base()
     load_base_learner(best, model)
     assert torch.equal(model.cls[4].weight, state["method.cls.4.weight"])

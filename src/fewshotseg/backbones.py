@@ -485,11 +485,20 @@ class Backbone(nn.Module):
     def run_stage(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """The stage that produces `level`, applied to a map of level `level - 1` (e.g. masked).
         For a ViT: the blocks between the two levels on the patch tokens only (the class/register
-        tokens of the full pass are not carried: a documented approximation)."""
+        tokens of the full pass are not carried: a documented approximation). In evaluation the
+        result is reused for an input seen before (keyed by the input map itself: a support shown
+        again with the same mask), as the levels are for an image."""
         if level < 1 or level not in self.levels:
             raise ConfigError(
                 f"backbone {self.name!r}: run_stage needs level {level} among the built levels {self.levels}"
             )
+        if self.feature_cache is not None and not torch.is_grad_enabled():
+            name = ("stage", level)
+            compute = lambda maps: {name: self._run_stage(maps, level)}  # noqa: E731
+            return self.feature_cache.rows(self, x, [name], compute, self._map_format)[name]
+        return self._run_stage(x, level)
+
+    def _run_stage(self, x: torch.Tensor, level: int) -> torch.Tensor:
         caller_grad = torch.is_grad_enabled()
         with self._grad():
             if self.is_vit:

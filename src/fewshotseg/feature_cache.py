@@ -16,8 +16,10 @@ masked layer 3) is never cached; the unmasked levels before it are.
 Exactness: stored maps are the exact tensors the backbone returned (fp32 stays fp32), so a hit
 gives what a miss would have computed, provided the backbone's output for an image does not depend
 on the other images of its batch: true for a frozen backbone in eval mode (BatchNorm on running
-statistics), and bit-exact on CPU (tests/test_feature_cache.py); on a GPU, convolution algorithms
-chosen per batch size may differ in the last bit. `FeatureCache.begin` drops every entry when the
+statistics) up to the last bit, which convolution kernels chosen per batch size may round
+differently (1.2e-7 seen on one CPU, none on another; likely on GPUs). The metric states come out
+identical in the tests (tests/test_feature_cache.py, every method); a pixel whose two logits tie
+to the last bit could in principle flip. `FeatureCache.begin` drops every entry when the
 backbone's weights or buffers changed (a checkpoint loaded, BatchNorm statistics that drifted in
 training), seen by the tensors' in-place version counters.
 
@@ -87,8 +89,9 @@ class FeatureCache:
 
     `rows(owner, images, names, compute)` returns {name: [N, ...]} for the batch `images`: rows
     whose every map is stored come from the store, the others from `compute(images[missing])`
-    (which must return {name: [M, ...]} for at least `names`), and are stored. A batch with no hit
-    is returned exactly as `compute` made it.
+    (which must return {name: [M, ...]} for at least `names`), and are stored; an image that occurs
+    twice in the batch is computed once. A batch of distinct images with no hit is returned exactly
+    as `compute` made it.
     """
 
     def __init__(self, max_gb: float | None = None):
@@ -129,7 +132,7 @@ class FeatureCache:
 
     def summary(self) -> str:
         return (
-            f"feature reuse: {self.hits}/{self.hits + self.misses} images from the cache "
+            f"feature reuse: {self.hits}/{self.hits + self.misses} backbone passes from the cache "
             f"(hit rate {100 * self.hit_rate:.1f} %), {len(self.store)} maps, "
             f"{self.bytes / 2**20:.0f} MiB (peak {self.peak_bytes / 2**20:.0f} MiB), {self.evictions} evicted"
         )
@@ -147,7 +150,12 @@ class FeatureCache:
         host = images.detach().cpu()  # one device-to-host copy for the batch's digests
         keys = [(scope, image_digest(image)) for image in host]
         stored = [all((key, name) in self.store for name in names) for key in keys]
-        missing = [i for i, hit in enumerate(stored) if not hit]
+        # an image shown twice in the batch (one query under several seeds) is computed once
+        where: dict[tuple, int] = {}  # key -> its row among the computed ones
+        for i, hit in enumerate(stored):
+            if not hit:
+                where.setdefault(keys[i], len(where))
+        missing = [keys.index(key) for key in where]  # first row of each distinct missing image
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         # the hits are taken before storing the misses, which may evict some of them
@@ -160,10 +168,9 @@ class FeatureCache:
                 self._put((keys[i], name), computed[name][j])
         if len(missing) == len(keys):
             return {name: computed[name] for name in names}
-        where = {i: j for j, i in enumerate(missing)}
         out = {}
         for name in names:
-            maps = [computed[name][where[i]] if i in where else kept[i, name] for i in range(len(keys))]
+            maps = [computed[name][where[k]] if not stored[i] else kept[i, name] for i, k in enumerate(keys)]
             batch = torch.stack(maps)
             out[name] = batch.contiguous(memory_format=memory_format) if batch.dim() == 4 else batch
         return out

@@ -67,6 +67,8 @@ class FewShotSegModule(LightningModule):
         # meta-learner-only output): one more FewShotIoU each, made on first sight
         self.extra_iou = nn.ModuleDict()
         self.test_results: dict = {}
+        self.run_iou: list[FewShotIoU] = []
+        self.run_results: list[dict] = []  # one per test list of the last test (evaluate's seeds)
         self.tested_episodes = 0  # episodes the last test scored (fewer than the list under fast_dev_run)
         self.set_feature_reuse(feature_reuse)
 
@@ -83,12 +85,13 @@ class FewShotSegModule(LightningModule):
         self._reused: list = []  # the backbones served from the cache in this evaluation loop
 
     def _begin_reuse(self) -> None:
-        """At the start of an evaluation loop: reuse where it is exact (frozen backbone,
-        deterministic test transform), after dropping maps of a changed backbone state."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        exact = self.feature_cache is not None and is_deterministic(
-            getattr(datamodule, "test_transform", None)
-        )
+        self.begin_reuse(getattr(datamodule, "test_transform", None))
+
+    def begin_reuse(self, test_transform) -> None:
+        """Before evaluating (a loop, or `predict`'s queries): reuse where it is exact (frozen
+        backbone, deterministic test transform), after dropping maps of a changed backbone state."""
+        exact = self.feature_cache is not None and is_deterministic(test_transform)
         self._reused = frozen_backbones(self.method) if exact else []
         if self._reused:
             self.feature_cache.begin(self._reused)
@@ -106,11 +109,18 @@ class FewShotSegModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._begin_reuse()
+        datamodule = getattr(self._trainer, "datamodule", None)
+        runs = len(getattr(datamodule, "test_seeds", None) or [None])
+        # a plain list, not submodules: the module's structure (and state_dict) stays as it is
+        self.run_iou = [FewShotIoU(len(self.class_names)).to(self.device) for _ in range(runs)]
 
     def forward(self, batch: Episode) -> torch.Tensor:
         """Logits [B,2,H,W] at input resolution; the query label is never shown outside training."""
-        visible = batch if self.training else {k: v for k, v in batch.items() if k != "query_mask"}
-        return self.method(visible)[0]
+        if self.training:
+            return self.method(batch)[0]
+        visible = {k: v for k, v in batch.items() if k != "query_mask"}
+        with reusing(self.feature_cache, self._reused):  # after begin_reuse (predict)
+            return self.method(visible)[0]
 
     def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
         logits, aux = self.method(batch)
@@ -141,12 +151,27 @@ class FewShotSegModule(LightningModule):
         visible = {k: v for k, v in batch.items() if k != "query_mask"}
         with reusing(self.feature_cache, self._reused):
             logits, out = self.method(visible)
-        for name, extra in (out.logits if isinstance(out, ExtraLogits) else {}).items():
+        extras = out.logits if isinstance(out, ExtraLogits) else {}
+        if "test_run" not in batch:
+            self._score_all(logits, extras, batch, metric, stage)
+            return {"pred": logits.argmax(1)}
+        # several test lists in one loop (evaluate's seeds): each episode into its list's metrics
+        for run in batch["test_run"].unique().tolist():
+            rows = (batch["test_run"] == run).nonzero().view(-1)
+            part = {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows.tolist()]
+                    for k, v in batch.items()}  # fmt: skip
+            self._score_all(logits[rows], {n: e[rows] for n, e in extras.items()}, part,
+                            self.run_iou[run], f"{stage}#{run}")  # fmt: skip
+        return {"pred": logits.argmax(1)}
+
+    def _score_all(self, logits, extras: dict, batch: Episode, metric: FewShotIoU, stage: str) -> None:
+        """The logits into `metric`; each extra output into its own FewShotIoU (made on first sight)."""
+        for name, extra in extras.items():
             key = f"{stage}_{name}"
             if key not in self.extra_iou:
                 self.extra_iou[key] = FewShotIoU(len(self.class_names)).to(logits.device)
             self._score(extra, batch, self.extra_iou[key])
-        return {"pred": self._score(logits, batch, metric)}
+        self._score(logits, batch, metric)
 
     def _score(self, logits: torch.Tensor, batch: Episode, metric: FewShotIoU) -> torch.Tensor:
         class_idx = batch["class_id"] - 1
@@ -189,21 +214,26 @@ class FewShotSegModule(LightningModule):
         return out
 
     def on_test_epoch_end(self) -> None:
-        result = self.test_iou.compute()
+        if len(self.run_iou) > 1:  # several lists in one loop: one result each, in list order
+            self.run_results = [self._test_result(m, f"test#{r}") for r, m in enumerate(self.run_iou)]
+            self.test_results = self.run_results[0]
+            return
+        self.test_results = self._test_result(self.test_iou, "test")
+        self.run_results = [self.test_results]
+        self.log_dict({f"test/{k}": v for k, v in self.test_results.items() if k != "iou_per_class"})
+        self.log_dict({f"test/iou/{k}": v for k, v in self.test_results["iou_per_class"].items()})
+
+    def _test_result(self, metric: FewShotIoU, stage: str) -> dict:
+        """mIoU, FB-IoU, IoU per class and the extra outputs' scores of one test list; resets them."""
+        result = metric.compute()
         self.tested_episodes = int(result["episodes"])
         per_class = {
             name: float(v) for name, v in zip(self.class_names, result["iou_per_class"].tolist()) if v == v
         }  # classes with episodes only (NaN != NaN)
-        self.test_results = {
-            "miou": float(result["miou"]),
-            "fbiou": float(result["fbiou"]),
-            "iou_per_class": per_class,
-        }
-        extra = self._extra_results("test")
-        self.test_results.update({k[len("test/") :]: float(v) for k, v in extra.items()})
-        self.log_dict({"test/miou": result["miou"].float(), "test/fbiou": result["fbiou"].float(), **extra})
-        self.log_dict({f"test/iou/{k}": v for k, v in per_class.items()})
-        self.test_iou.reset()
+        out = {"miou": float(result["miou"]), "fbiou": float(result["fbiou"]), "iou_per_class": per_class}
+        out.update({k.split("/", 1)[1]: float(v) for k, v in self._extra_results(stage).items()})
+        metric.reset()
+        return out
 
     def configure_optimizers(self):
         params = [p for p in self.method.parameters() if p.requires_grad]

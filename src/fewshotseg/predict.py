@@ -9,7 +9,8 @@ A support mask is a PNG of the support image's size: 0 background, 1 or 255 the 
 an image or a folder of images. Each image goes through the method's test transform (the code path
 of evaluation); the logits are brought back to the query's original size as original-resolution
 scoring does (bilinear, align_corners=True, in the test transform's frame), and `out` receives
-`<query>_mask.png` (0 background, 255 object) and `<query>_overlay.png` per query.
+`<query>_mask.png` (0 background, 255 object) and `<query>_overlay.png` per query. With a frozen
+backbone the supports' backbone maps are computed once for all queries (`feature_reuse`).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     class_id = class_id_of(cfg.get("class_name"), datamodule.class_names, module.method)
     device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device).eval()
+    module.set_feature_reuse(cfg.get("feature_reuse"))
+    module.begin_reuse(transform)  # the supports' backbone maps, computed once for every query
     s_items = [episode_item(transform, image, mask) for image, mask in s_raw]
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -173,6 +176,7 @@ def predict(cfg: DictConfig) -> list[Path]:
             out / f"{path.stem}_overlay.png"
         )
         written.append(out / f"{path.stem}_mask.png")
+    print(module.feature_reuse_summary())
     print(f"{len(written)} masks and overlays written to {out}")
     return written
 

@@ -246,6 +246,10 @@ def seed_list(seeds) -> list[int]:
     values = list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else [seeds]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
         raise ConfigError(f"seeds={seeds}: expected a list of integers, e.g. seeds=[0,1,2,3,4]")
+    if len(set(values)) < len(values):
+        raise ConfigError(
+            f"seeds={seeds}: a seed is repeated; expected distinct seeds, e.g. seeds=[0,1,2,3,4]"
+        )
     return values
 
 

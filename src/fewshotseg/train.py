@@ -8,6 +8,8 @@ python -m fewshotseg.train -m fold=0,1,2,3 shot=1,5                             
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def train(cfg: DictConfig) -> dict:
         best = "" if cfg.get("selection") == "last" else best  # last: the weights in memory
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         results = module.test_results
+    if cfg.get("save_weights_to"):  # a stage's output that a later run names (Sym-Net's base learner)
+        save_weights(trainer, best, Path(cfg.save_weights_to))
     finish_wandb(loggers)
     if trainer.is_global_zero and results:  # the same results.json as `evaluate` writes (read by `report`)
         runs = {getattr(datamodule, "test_seed", 0): results}
@@ -63,6 +67,21 @@ def train(cfg: DictConfig) -> dict:
         if method_class(cfg).task == "episodes":  # a semantic stage's module prints its own
             print(format_test_results(results, datamodule, module.tested_episodes))
     return results
+
+
+def save_weights(trainer: L.Trainer, best: str, path: Path) -> None:
+    """The tested weights (the selected checkpoint, or the final weights) also at `path`, written
+    whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if best:
+        if trainer.is_global_zero:
+            shutil.copyfile(best, tmp)
+    else:
+        trainer.save_checkpoint(tmp, weights_only=True)  # every rank takes part
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+        log.info("weights written to %s", path)
 
 
 @hydra_main("train")

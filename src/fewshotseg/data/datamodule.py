@@ -25,6 +25,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from fewshotseg.data.episode import collate_episodes
+from fewshotseg.data.eval_order import QueryGroupedOrder
 from fewshotseg.data.index import ClassIndex, load_class_index
 from fewshotseg.data.sampling import (
     TRAIN_ORDERS,
@@ -153,21 +154,33 @@ class TrainEpisodes(_EpisodeReader):
 
 class FixedEpisodes(_EpisodeReader):
     """The saved test episodes; also returns the query label for original-resolution scoring, in the
-    test transform's frame (the raw label, or padded to a square for the PFENet resize)."""
+    test transform's frame (the raw label, or padded to a square for the PFENet resize).
 
-    def __init__(self, source, transform, shot, episodes: list[EpisodeSpec], base: list[int] | None = None):
+    `runs`: several lists scored in one loop, each into its own metric (the seeds of one `evaluate`
+    call, visited together grouped by query image: data/eval_order.py); item i then carries
+    `test_run`, the list it belongs to, and keeps the position it has in that list."""
+
+    def __init__(self, source, transform, shot, episodes: list[EpisodeSpec] | None = None,
+                 base: list[int] | None = None, runs: list[list[EpisodeSpec]] | None = None):  # fmt: skip
         super().__init__(source, transform, shot, base)
-        self.episodes = episodes
+        if (episodes is None) == (runs is None):
+            raise ValueError("FixedEpisodes: give episodes or runs")
+        runs = [episodes] if runs is None else runs
+        self.episodes = [spec for run in runs for spec in run]
+        self.num_runs = len(runs)
+        self.places = [(r, p) for r, run in enumerate(runs) for p in range(len(run))]
 
     def __len__(self) -> int:
         return len(self.episodes)
 
     def __getitem__(self, i: int) -> dict:
-        self.transform.set_seed(
-            i
-        )  # seeded by position: a random op added to a test pipeline stays reproducible
-        item, q_raw = self._episode(self.episodes[i], i)
+        run, position = self.places[i]
+        # seeded by position in its list: a random op added to a test pipeline stays reproducible
+        self.transform.set_seed(position)
+        item, q_raw = self._episode(self.episodes[i], position)
         item["query_mask_orig"] = torch.from_numpy(self.transform.original_frame(q_raw)).long()
+        if self.num_runs > 1:
+            item["test_run"] = run
         return item
 
 
@@ -252,6 +265,8 @@ class FewShotDataModule(LightningDataModule):
             num_test_episodes if num_test_episodes is not None else settings.get("num_test_episodes", 1000)
         )
         self.test_seed = test_seed
+        # several seeds' test lists scored in one loop, each into its own metric (`evaluate`)
+        self.test_seeds: list[int] | None = None
         self.test_order = test_order if test_order is not None else settings.get("test_order", "image")
         if self.test_order not in TEST_ORDERS:
             raise ConfigError(f"data.test_order={self.test_order!r}: expected one of {list(TEST_ORDERS)}")
@@ -336,7 +351,8 @@ class FewShotDataModule(LightningDataModule):
         if self.base_label:
             self._check_label_maps("data.base_label=true")
         self._val_episodes()
-        self._test_episodes()
+        for seed in self.test_seeds or [self.test_seed]:
+            self._test_episodes(seed=seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.task == "semantic":
@@ -365,9 +381,8 @@ class FewShotDataModule(LightningDataModule):
                 self.source, self.test_transform, self.shot, self._val_episodes(), base
             )
         if stage in (None, "test", "validate"):
-            self.test_set = FixedEpisodes(
-                self.source, self.test_transform, self.shot, self._test_episodes(), base
-            )
+            runs = [self._test_episodes(seed=s) for s in self.test_seeds or [self.test_seed]]
+            self.test_set = FixedEpisodes(self.source, self.test_transform, self.shot, base=base, runs=runs)
             if stage == "validate":
                 self.val_set = self.test_set
 
@@ -377,9 +392,12 @@ class FewShotDataModule(LightningDataModule):
         if train:  # the order of (seed, epoch, position), split over the ranks, resumable mid-epoch
             position = (lambda: training_position(trainer)) if trainer is not None else None
             sampler = TrainOrder(dataset, self.seed, batch_size, world, rank, position)
+        elif isinstance(dataset, FixedEpisodes):
+            # grouped by query image (a small feature cache keeps the reuse), each episode exactly
+            # once across ranks, so DDP gives the one-process metric
+            sampler = QueryGroupedOrder(dataset, world, rank)
         elif world > 1:
-            # Each episode exactly once across ranks (Lightning's default sampler pads with repeats,
-            # which would count some episodes twice), so DDP gives the one-process metric.
+            # Each item exactly once across ranks (Lightning's default sampler pads with repeats).
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
         else:
             sampler = None

@@ -21,6 +21,7 @@ class Episode(TypedDict, total=False):
     support_masks: torch.Tensor  # [B,K,H,W] long in {0,1,255}
     class_id: torch.Tensor  # [B] long, the dataset's own contiguous class id (1..N)
     episode_idx: torch.Tensor  # [B] long, position in the fixed test list (-1 in training)
+    test_run: torch.Tensor  # [B] long, which of several test lists scored together (evaluate's seeds)
     query_id: list[str]  # image ids, for logging and for proving which episode ran
     support_ids: list[list[str]]  # [B][K]
     query_mask_orig: list[

@@ -160,16 +160,21 @@ def _our_state(checkpoint: dict) -> dict[str, torch.Tensor] | None:
 
 
 def load_base_learner(
-    path: str | Path, model: PSPNetBase, data: str = "<data>", fold: int | str = "<fold>"
+    path: str | Path,
+    model: PSPNetBase,
+    data: str = "<data>",
+    fold: int | str = "<fold>",
+    command: str | None = None,
 ) -> PSPNetBase:
     """Load a base learner into `model` (strict) and return it.
 
     `path`: a `method=pspnet_base` Lightning checkpoint (`.../checkpoints/best-*.ckpt` or `last.ckpt`),
     or BAM's released `initmodel/PSPNet/<dataset>/split<i>/resnet50/best.pth`. `data` and `fold` fill
-    in the command named by the errors; an integer `fold` is also checked against the fold our
-    checkpoint was trained on (another fold's base learner has seen this fold's novel classes).
+    in the command named by the errors (or `command`: the one that makes this file); an integer
+    `fold` is also checked against the fold our checkpoint was trained on (another fold's base
+    learner has seen this fold's novel classes).
     """
-    command = f"python -m fewshotseg.train method=pspnet_base data={data} fold={fold}"
+    command = command or f"python -m fewshotseg.train method=pspnet_base data={data} fold={fold}"
     file = Path(str(path)).expanduser()
     if not file.is_file():
         raise ConfigError(

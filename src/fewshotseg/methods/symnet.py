@@ -290,6 +290,8 @@ class SymNet(Method):
             configured weights and its PPM + classifier are the frozen base learner. null: no base
             learner (ablation; the configured backbone weights). `BASE_LEARNER_IN_STATE_DICT`:
             the same modules, their weights loaded afterwards from a Sym-Net checkpoint.
+        base_learner_from: the command that makes the base learner file, named when it is missing
+            (null: `train method=pspnet_base` with this run's data and fold).
         shot: K (builds `kshot_rw` for K > 1).
         class_names: the dataset's class names (id order) for the text table and the base classes;
             null: from `data_source(root=data_root)`.
@@ -349,11 +351,14 @@ class SymNet(Method):
         kshot_hidden: int = 2,
         dropout: float = 0.5,
         freeze_backbone: bool | None = None,
+        base_learner_from: str | None = None,
     ):
         super().__init__()
         source = data_source(root=data_root) if data_source is not None and data_root is not None else None
         data_name = source.name if source is not None else "<data>"
-        command = f"python -m fewshotseg.train method=pspnet_base data={data_name} fold={fold}"
+        command = (
+            base_learner_from or f"python -m fewshotseg.train method=pspnet_base data={data_name} fold={fold}"
+        )
         if base_learner == BASE_LEARNER_REQUIRED:
             raise ConfigError(
                 "method.model.base_learner: Sym-Net needs the fold's base learner (BAM stage 1). Train it "
@@ -392,7 +397,7 @@ class SymNet(Method):
                 lambda levels: self.backbone, num_classes=len(self.base_classes) + 1
             )
             if base_learner != BASE_LEARNER_IN_STATE_DICT:
-                pspnet_base.load_base_learner(base_learner, base, data=data_name, fold=fold)
+                pspnet_base.load_base_learner(base_learner, base, fold=fold, command=command)
             self.learner_base = nn.Sequential(base.ppm, base.cls).requires_grad_(False)  # BAM's names
         if freeze_backbone and not self.backbone.frozen:
             self.backbone.frozen = True
