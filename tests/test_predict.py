@@ -85,14 +85,20 @@ def test_predict_gives_exactly_the_evaluated_masks(ckpt, synthetic_root, tmp_pat
         assert (out / f"{spec.query}_overlay.png").is_file()
 
 
-def test_any_number_of_supports_and_a_query_folder(ckpt, synthetic_root, tmp_path):
-    ids = ["val_000000", "val_000001", "val_000002"]
+def query_folder(synthetic_root: Path, ids: list[str], tmp_path: Path) -> tuple[int, Path]:
+    """A class of the first image (the support) and a folder with the other images (the queries)."""
     label = np.asarray(Image.open(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png"))
     cls = int(next(c for c in np.unique(label) if c not in (0, 255)))
     queries = tmp_path / "queries"
     queries.mkdir()
     for q in ids[1:]:
         Image.open(synthetic_root / "JPEGImages" / f"{q}.jpg").save(queries / f"{q}.png")
+    return cls, queries
+
+
+def test_any_number_of_supports_and_a_query_folder(ckpt, synthetic_root, tmp_path):
+    ids = ["val_000000", "val_000001", "val_000002"]
+    cls, queries = query_folder(synthetic_root, ids, tmp_path)
     (queries / "notes.txt").write_text("not an image")
     masks = [write_mask(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png", cls, tmp_path / f"m{k}.png", 255)
              for k in range(3)]  # fmt: skip
@@ -123,12 +129,7 @@ def test_a_frozen_backbone_computes_the_supports_once_for_all_queries(
     load_run_frozen = predict_module.load_model
     monkeypatch.setattr(predict_module, "load_model", frozen)
     ids = ["val_000000", "val_000001", "val_000002", "val_000003"]
-    label = np.asarray(Image.open(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png"))
-    cls = int(next(c for c in np.unique(label) if c not in (0, 255)))
-    queries = tmp_path / "queries"
-    queries.mkdir()
-    for q in ids[1:]:
-        Image.open(synthetic_root / "JPEGImages" / f"{q}.jpg").save(queries / f"{q}.png")
+    cls, queries = query_folder(synthetic_root, ids, tmp_path)
     mask = write_mask(synthetic_root / "SegmentationClassAug" / f"{ids[0]}.png", cls, tmp_path / "m.png", 255)
     masks = {}
     for reuse in ("false", "true"):

@@ -8,8 +8,7 @@ with cos = <q_i / (|q_i| + eps), s_j / (|s_j| + eps)> (eps 1e-5, added to the no
 `Correlation.multilayer_correlation`). The foreground is where the support mask, bilinearly resized
 (align_corners=True) to the layer's size, is exactly 1 (boundary pixels with a soft value are left
 out, as in the official `mask_feature`). No foreground pixel gives 0 (the official code correlates
-with one zero vector). Batched over the batch: the masked mean is a sum over all positions with a
-0/1 weight, divided by the foreground count.
+with one zero vector). Per episode, only the foreground columns of the support are correlated.
 """
 
 from __future__ import annotations
@@ -32,16 +31,23 @@ def foreground_positions(mask: torch.Tensor, size: tuple[int, int]) -> torch.Ten
 def masked_correlation(
     query: torch.Tensor, support: torch.Tensor, fg: torch.Tensor, eps: float = CORR_EPS
 ) -> torch.Tensor:
-    """query, support [B,C,h,w] (same size), fg [B, h*w] in {0, 1} -> [B,1,h,w]."""
+    """query, support [B,C,h,w] (same size), fg [B, h*w] in {0, 1} -> [B,1,h,w].
+
+    Only the support's foreground columns are correlated (the mean is over them): the same sum as
+    weighting all h*w columns by 0/1, in a fraction of the work (at 473 px and output stride 8 a
+    layer's full map is 3600 x 3600 cosines per episode)."""
     B, C, h, w = query.shape
     q = query.reshape(B, C, h * w)
     s = support.reshape(B, C, -1)
     q = q / (torch.linalg.vector_norm(q, dim=1, keepdim=True) + eps)
     s = s / (torch.linalg.vector_norm(s, dim=1, keepdim=True) + eps)
-    corr = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # [B, hw(q), hw(s)]
-    summed = torch.bmm(corr, fg[:, :, None]).squeeze(2)  # sum over the foreground
-    count = fg.sum(1, keepdim=True).clamp(min=1)
-    return (summed / count).view(B, 1, h, w)
+    out = q.new_zeros(B, h * w)
+    for b in range(B):
+        cols = fg[b].nonzero().squeeze(1)
+        if len(cols):  # no foreground: 0
+            corr = (q[b].transpose(0, 1) @ s[b][:, cols]).clamp_(min=0)  # [hw(q), |fg|]
+            out[b] = corr.sum(1) / len(cols)
+    return out.view(B, 1, h, w)
 
 
 def hyper_correlation(
