@@ -150,9 +150,11 @@ def test_file_loads_into_every_method_and_a_frozen_backbone_stays_unchanged(
     stage, method, tmp_path, data_dir
 ):
     weights, _ = stage
-    overrides = [f"method={method}", "backbone=resnet18_synthetic", f"backbone.weights={weights}", *SHORT]
+    overrides = [f"method={method}", "backbone=resnet18_synthetic", f"backbone.weights={weights}", *SHORT,
+                 f"save_weights_to={tmp_path / 'saved.ckpt'}"]  # fmt: skip
     cfg = without_stage_files(compose_train_cfg(tmp_path, data_dir, overrides))
     train(cfg)
+    assert "state_dict" in torch.load(tmp_path / "saved.ckpt", weights_only=True)  # also without a test
     trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     body = {k.removeprefix("method.backbone.body."): v for k, v in trained.items()
             if k.startswith("method.backbone.body.")}  # fmt: skip

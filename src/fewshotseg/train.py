@@ -50,9 +50,9 @@ def train(cfg: DictConfig) -> dict:
             "%s has no trainable parameter: nothing to fit, testing it as built", cfg.method.model._target_
         )
     results: dict = {}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = "" if cfg.get("selection") == "last" else best  # last: the weights in memory
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        best = "" if cfg.get("selection") == "last" else best  # last: the weights in memory
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         results = module.test_results
     if cfg.get("save_weights_to"):  # a stage's output that a later run names (Sym-Net's base learner)
