@@ -11,7 +11,8 @@ with the backbone it went through, the autocast state and the name of the map (a
 of a level). The digest stands for (image id, transform): it needs nothing from the method (which
 arranges queries and supports in its own batches) and cannot go stale when the transform or the
 resolution changes. A method's masked stage (`Backbone.run_stage`, PFENet's support layer 4 on the
-masked layer 3) is never cached; the unmasked levels before it are.
+masked layer 3) is kept under the digest of its input, the masked map: reused only for the same
+support with the same mask.
 
 Exactness: stored maps are the exact tensors the backbone returned (fp32 stays fp32), so a hit
 gives what a miss would have computed, provided the backbone's output for an image does not depend
