@@ -20,7 +20,8 @@ HOW = {
     "protocol": "pfenet", "test_split": "val", "test_input": "longer side to 473 (aspect kept), padded to 473 x 473",
     "scored_at": "original", "episodes": 1000, "test_order": "image", "fold_split": "consecutive",
     "test_seeds": [0], "selection": "best validation mIoU on held-out episodes",
-    "novel_images_in_train": "kept as background", "class_name_table": None, "precision": "32-true",
+    "novel_images_in_train": "kept as background", "backbone_training": "from random init, frozen, BN eval",
+    "class_name_table": None, "precision": "32-true",
 }  # fmt: skip
 
 
@@ -72,7 +73,8 @@ def test_two_protocols_make_two_tables(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("episodes", 5000), ("test_seeds", [0, 1]), ("precision", "bf16-mixed"),
                                          ("selection", "the final weights, no selection"),
-                                         ("novel_images_in_train", "excluded")])  # fmt: skip
+                                         ("novel_images_in_train", "excluded"),
+                                         ("backbone_training", "from resnet18_synthetic.pth, frozen, BN eval")])  # fmt: skip
 def test_any_recorded_difference_splits_the_table(tmp_path, field, value):
     record(tmp_path, "a", 0.60)
     record(tmp_path, "b", 0.62, fold=1, how={field: value})
@@ -143,6 +145,7 @@ def test_train_records_how_it_was_obtained(tiny_run):
     assert how["test_seeds"] == [0] and how["precision"] == "32-true" and how["class_name_table"] is None
     assert how["selection"] == "best validation mIoU on held-out episodes"
     assert how["novel_images_in_train"] == "kept as background" and how["test_order"] == "image"
+    assert how["backbone_training"] == "from random init, trained, BN eval"
 
 
 def test_evaluate_prints_and_records_mean_and_best(tiny_run, tmp_path, data_dir, capsys):

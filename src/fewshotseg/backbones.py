@@ -356,6 +356,8 @@ class Backbone(nn.Module):
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
+        # where the weights came from, recorded with every result (`training` below)
+        self.start = Path(weights).name if weights else ("timm ImageNet weights" if download else "random init")
         # set during evaluation while this frozen backbone's maps may be reused (feature_cache.py)
         self.feature_cache = None
         if channels_last and frozen:  # never backpropagated: channels_last weights too
@@ -405,6 +407,11 @@ class Backbone(nn.Module):
             self.name,
             len(state) - len(matched),
         )
+
+    @property
+    def training_regime(self) -> str:
+        """Where the weights started and whether they train: results.json's `backbone_training`."""
+        return f"from {self.start}, {'frozen' if self.frozen else 'trained'}, BN {self.bn_mode}"
 
     @property
     def uses_batch_stats(self) -> bool:

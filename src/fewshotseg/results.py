@@ -40,6 +40,7 @@ HOW_FIELDS = (
     "test_seeds",  # the seeds of the test episode lists
     "selection",  # which checkpoint was tested and on what it was selected
     "novel_images_in_train",  # excluded (BAM) | kept as background (PFENet, HSNet, PANet)
+    "backbone_training",  # where the backbone's weights started, frozen or trained, its BN mode
     "class_name_table",  # the class-name embedding table a method reads, or null
     "precision",  # Lightning's precision of the test (32-true, bf16-mixed, ...)
 )
@@ -52,7 +53,7 @@ SELECTIONS = {  # data/_episodes.yaml's `selection` -> what results.json says
 
 def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) -> dict:
     """The HOW_FIELDS of a test: read from the objects that ran it, not from the config."""
-    model = getattr(module, "model", None)
+    model = getattr(module, "method", None)  # the method network (FewShotSegModule.method)
     return {
         "protocol": getattr(datamodule, "protocol", None),
         "test_split": getattr(datamodule, "test_split", None),
@@ -66,6 +67,7 @@ def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) 
         "test_seeds": [int(s) for s in seeds],
         "selection": selection,
         "novel_images_in_train": "excluded" if datamodule.exclude_novel_in_train else "kept as background",
+        "backbone_training": getattr(getattr(model, "backbone", None), "training_regime", None),
         "class_name_table": getattr(model, "class_name_table", None),
         "precision": str(trainer.precision),
     }
