@@ -61,7 +61,8 @@ def test_sweep_table_reproduces_every_run(sweep, tmp_path):
         fold0 = by_cell[(shot, 0)]
         cell = f"{100 * statistics.fmean(fold0):.2f} ± {100 * statistics.stdev(fold0):.2f}"
         assert cell in result["markdown"]
-    assert "| panet | resnet18 | 1 |" in result["markdown"] and "**FB-IoU**" in result["markdown"]
+    assert "| panet | resnet18 (from random init, trained, BN eval) | 1 |" in result["markdown"]
+    assert "**FB-IoU**" in result["markdown"]
     pngs = [p for p in result["files"] if p.suffix == ".png"]
     assert {p.name for p in pngs} == {
         "miou_per_fold_synthetic_default.png",

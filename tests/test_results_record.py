@@ -73,13 +73,27 @@ def test_two_protocols_make_two_tables(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("episodes", 5000), ("test_seeds", [0, 1]), ("precision", "bf16-mixed"),
                                          ("selection", "the final weights, no selection"),
-                                         ("novel_images_in_train", "excluded"),
-                                         ("backbone_training", "from resnet18_synthetic.pth, frozen, BN eval")])  # fmt: skip
+                                         ("novel_images_in_train", "excluded")])  # fmt: skip
 def test_any_recorded_difference_splits_the_table(tmp_path, field, value):
     record(tmp_path, "a", 0.60)
     record(tmp_path, "b", 0.62, fold=1, how={field: value})
     md = report([tmp_path], tmp_path / "out", plots=False)["markdown"]
     assert md.count("## pascal") == 2
+
+
+def test_backbone_training_and_class_names_label_rows_of_one_table(tmp_path):
+    """The papers' regime beside from scratch: one table, a row each, labelled; likewise a method's
+    class-name table, shown next to the method."""
+    record(tmp_path, "scratch", 0.30, how={"backbone_training": "from random init, trained, BN train"})
+    record(tmp_path, "frozen", 0.80, how={"backbone_training": "from resnet18_synthetic.pth, frozen, BN eval"})
+    record(tmp_path, "names", 0.85, method="symnet", how={"class_name_table": "word2vec.pkl"})
+    md = report([tmp_path], tmp_path / "out", plots=False)["markdown"]
+    assert md.count("## pascal") == 1
+    assert "| pfenet | resnet50_psp (from random init, trained, BN train) | 1 | 30.00 |" in md
+    assert "| pfenet | resnet50_psp (from resnet18_synthetic.pth, frozen, BN eval) | 1 | 80.00 |" in md
+    assert "| symnet (word2vec.pkl) | resnet50_psp (from random init, frozen, BN eval) | 1 | 85.00 |" in md
+    header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
+    assert header[header.index("shot") + 1 : header.index("shot") + 3] == ["class_name_table", "backbone_training"]
 
 
 def test_duplicate_runs_of_a_cell_are_kept_with_a_warning(tmp_path, caplog):

@@ -9,7 +9,7 @@ are grouped into tables by dataset and by everything their record says changes a
 test split, test input, scoring resolution, episodes, query order, fold split, test seeds, checkpoint
 selection, novel-image rule, precision: `results.HOW_FIELDS`), so runs obtained differently never
 share a table; a record that lacks one of these fields is flagged. Rows are method x backbone x shot
-(and the class-name table, when a method reads one), columns fold 0..3 and their mean, for mIoU,
+(labelled with the class-name table a method reads and with how its backbone started and trained), columns fold 0..3 and their mean, for mIoU,
 FB-IoU and any other metric the runs hold (e.g. Sym-Net's meta_miou).
 
 A cell is the run's mean over its test seeds (`--seed-stat best`: its best seed; the table says
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU"}
 SEED_STATS = {"mean": "the mean over the run's test seeds", "best": "the run's best test seed (optimistic)"}
-ROW_FIELDS = ("class_name_table",)  # HOW_FIELDS that name a row (a method's own input), not a table
+# HOW_FIELDS that name a row, not a table: a method's own input, and how its backbone started and
+# trained (the papers' regime beside from scratch in one table, each row labelled)
+ROW_FIELDS = ("class_name_table", "backbone_training")
 TABLE_FIELDS = tuple(f for f in HOW_FIELDS if f not in ROW_FIELDS)
 
 
@@ -70,19 +72,31 @@ class Run:
 
 @dataclass
 class Row:
-    """One table row: a method x backbone x shot (x class-name table) in one section."""
+    """One table row: a method x backbone x shot (x ROW_FIELDS) in one section."""
 
-    key: tuple  # section key..., method, backbone, shot, class-name table
+    key: tuple  # section key..., method, backbone, shot, class-name table, backbone training
     runs: list[Run] = field(default_factory=list)
+
+    def _part(self, i: int) -> str:  # 0 method, 1 backbone, 2 shot, 3.. ROW_FIELDS
+        return str(self.key[len(self.key) - 3 - len(ROW_FIELDS) + i])
 
     @property
     def method(self) -> str:
-        names = self.key[-1]
-        return self.key[-4] if names in ("None", "unrecorded") else f"{self.key[-4]} ({names})"
+        names = self._part(3)  # the class-name table
+        return self._part(0) if names in ("None", "unrecorded") else f"{self._part(0)} ({names})"
+
+    @property
+    def backbone(self) -> str:
+        training = self._part(4)
+        return self._part(1) if training in ("None", "unrecorded") else f"{self._part(1)} ({training})"
+
+    @property
+    def shot(self) -> str:
+        return self._part(2)
 
     @property
     def label(self) -> str:
-        return f"{self.method} / {self.key[-3]} / {self.key[-2]}-shot"
+        return f"{self.method} / {self.backbone} / {self.shot}-shot"
 
 
 def read_run(path: Path, seed_stat: str = "mean") -> Run:
@@ -142,7 +156,7 @@ def section_key(run: Run) -> tuple:
 def group_rows(runs: list[Run]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for run in runs:
-        key = (*section_key(run), run.method, run.backbone, run.shot, run.setting("class_name_table"))
+        key = (*section_key(run), run.method, run.backbone, run.shot, *(run.setting(f) for f in ROW_FIELDS))
         rows.setdefault(key, Row(key)).runs.append(run)
     return [rows[k] for k in sorted(rows, key=lambda k: tuple(map(str, k)))]
 
@@ -257,7 +271,7 @@ def markdown(rows: list[Row], seed_stat: str = "mean") -> str:
                 n, total = folds_in_mean(row, metric), row.runs[0].num_folds
                 partial = f" ({n} of {total} folds)" if n < total else ""
                 values = [_fmt(cells[f"fold{f}"]) for f in folds] + [f"**{_fmt(cells['mean'])}**{partial}"]
-                out.append("| " + " | ".join([row.method, row.key[-3], str(row.key[-2]), *values]) + " |")
+                out.append("| " + " | ".join([row.method, row.backbone, row.shot, *values]) + " |")
             out.append("")
     notes = warnings_of(rows)
     if notes:
@@ -274,7 +288,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
     cols = [c for f in all_folds for c in (f"fold{f}", f"fold{f}_std")]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["data", *TABLE_FIELDS, "method", "backbone", "shot", "class_name_table", "metric", *cols,
+        writer.writerow(["data", *TABLE_FIELDS, "method", "backbone", "shot", *ROW_FIELDS, "metric", *cols,
                          "mean", "mean_std", "folds_in_mean", "dataset_folds", "runs"])  # fmt: skip
         for row in rows:
             for metric in metrics_of([row]):
