@@ -85,7 +85,9 @@ def test_backbone_training_and_class_names_label_rows_of_one_table(tmp_path):
     """The papers' regime beside from scratch: one table, a row each, labelled; likewise a method's
     class-name table, shown next to the method."""
     record(tmp_path, "scratch", 0.30, how={"backbone_training": "from random init, trained, BN train"})
-    record(tmp_path, "frozen", 0.80, how={"backbone_training": "from resnet18_synthetic.pth, frozen, BN eval"})
+    record(
+        tmp_path, "frozen", 0.80, how={"backbone_training": "from resnet18_synthetic.pth, frozen, BN eval"}
+    )
     record(tmp_path, "names", 0.85, method="symnet", how={"class_name_table": "word2vec.pkl"})
     md = report([tmp_path], tmp_path / "out", plots=False)["markdown"]
     assert md.count("## pascal") == 1
@@ -93,7 +95,10 @@ def test_backbone_training_and_class_names_label_rows_of_one_table(tmp_path):
     assert "| pfenet | resnet50_psp (from resnet18_synthetic.pth, frozen, BN eval) | 1 | 80.00 |" in md
     assert "| symnet (word2vec.pkl) | resnet50_psp (from random init, frozen, BN eval) | 1 | 85.00 |" in md
     header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
-    assert header[header.index("shot") + 1 : header.index("shot") + 3] == ["class_name_table", "backbone_training"]
+    assert header[header.index("shot") + 1 : header.index("shot") + 3] == [
+        "class_name_table",
+        "backbone_training",
+    ]
 
 
 def test_duplicate_runs_of_a_cell_are_kept_with_a_warning(tmp_path, caplog):

@@ -356,8 +356,10 @@ class Backbone(nn.Module):
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
-        # where the weights came from, recorded with every result (`training` below)
-        self.start = Path(weights).name if weights else ("timm ImageNet weights" if download else "random init")
+        # where the weights came from, recorded with every result (`training_regime` below)
+        self.start = (
+            Path(weights).name if weights else ("timm ImageNet weights" if download else "random init")
+        )
         # set during evaluation while this frozen backbone's maps may be reused (feature_cache.py)
         self.feature_cache = None
         if channels_last and frozen:  # never backpropagated: channels_last weights too
