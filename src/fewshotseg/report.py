@@ -9,8 +9,9 @@ are grouped into tables by dataset and by everything their record says changes a
 test split, test input, scoring resolution, episodes, query order, fold split, test seeds, checkpoint
 selection, novel-image rule, precision: `results.HOW_FIELDS`), so runs obtained differently never
 share a table; a record that lacks one of these fields is flagged. Rows are method x backbone x shot
-(labelled with the class-name table a method reads and with how its backbone started and trained), columns fold 0..3 and their mean, for mIoU,
-FB-IoU and any other metric the runs hold (e.g. Sym-Net's meta_miou).
+(labelled with the class-name table a method reads and with how its backbone started and trained),
+columns fold 0..3 and their mean, for mIoU, FB-IoU and any other metric the runs hold (e.g. Sym-Net's
+meta_miou).
 
 A cell is the run's mean over its test seeds (`--seed-stat best`: its best seed; the table says
 which). With several runs of one cell (training seeds) it is mean +- sample std (n - 1) over them;
@@ -80,15 +81,17 @@ class Row:
     def _part(self, i: int) -> str:  # 0 method, 1 backbone, 2 shot, 3.. ROW_FIELDS
         return str(self.key[len(self.key) - 3 - len(ROW_FIELDS) + i])
 
+    def _labelled(self, i: int, note: int) -> str:  # a part, with a recorded ROW_FIELD in brackets
+        value = self._part(note)
+        return self._part(i) if value in ("None", "unrecorded") else f"{self._part(i)} ({value})"
+
     @property
     def method(self) -> str:
-        names = self._part(3)  # the class-name table
-        return self._part(0) if names in ("None", "unrecorded") else f"{self._part(0)} ({names})"
+        return self._labelled(0, 3)  # with the class-name table
 
     @property
     def backbone(self) -> str:
-        training = self._part(4)
-        return self._part(1) if training in ("None", "unrecorded") else f"{self._part(1)} ({training})"
+        return self._labelled(1, 4)  # with how the backbone started and trained
 
     @property
     def shot(self) -> str:
