@@ -9,11 +9,14 @@
   SIGINT stops the run, so a kill loses at most N steps and a stop loses nothing.
 - SeedEachStep: the global RNG (dropout, random ops in methods) seeded from (seed, step) before each
   training step, so a resumed run draws what the uninterrupted one draws.
+- StopOnDivergence: ends training once the loss has been NaN or infinite for N steps in a row (an
+  lr too high), so a diverged run stops instead of training on NaN to its last epoch.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -28,6 +31,8 @@ from PIL import Image
 
 from fewshotseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fewshotseg.overlays import episode_row, stack_rows
+
+log = logging.getLogger(__name__)
 
 
 def _to_rgb(img: torch.Tensor) -> np.ndarray:
@@ -164,3 +169,42 @@ class SeedEachStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step_seed = np.random.SeedSequence([self.seed, trainer.global_step]).generate_state(1)[0]
         torch.manual_seed(int(step_seed))
+
+
+class StopOnDivergence(Callback):
+    """Stops training when the training loss has been NaN or infinite for `patience` steps in a row.
+
+    Once the loss is NaN the weights are NaN too and no later step recovers, so the rest of the
+    schedule would only spend time. A few steps of patience let an isolated overflow under mixed
+    precision pass. The stop is Lightning's `should_stop`: the epoch's validation still runs, and
+    `train` tests the best checkpoint (from before the divergence) and says in results.json's
+    `selection` at which step training stopped; a sweep goes on with its next run. Lightning honours
+    the stop only once `trainer.min_epochs` (default 1) is done, so a loss that is NaN from the
+    first steps ends training after the first epoch."""
+
+    def __init__(self, patience: int = 20):
+        self.patience = patience
+        self.bad_steps = 0
+        self.stopped_at: int | None = None  # the global step at which training was stopped
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or bool(torch.isfinite(loss.detach()).all()):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        if self.bad_steps >= self.patience and self.stopped_at is None:
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+            log.warning(
+                "training diverged: the loss has been %s for %d steps in a row (step %d, lr %.3g); stopping "
+                "and testing the best checkpoint. A lower method.optimizer.lr usually trains.",
+                loss.item(), self.bad_steps, trainer.global_step, lr,
+            )  # fmt: skip
+
+
+def divergence_of(trainer) -> int | None:
+    """The step at which StopOnDivergence stopped this trainer's run, or None."""
+    steps = [c.stopped_at for c in trainer.callbacks if isinstance(c, StopOnDivergence)]
+    return next((s for s in steps if s is not None), None)

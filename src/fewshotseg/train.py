@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from fewshotseg.callbacks import divergence_of
 from fewshotseg.cli import hydra_main, instantiate_group, user_errors
 from fewshotseg.loggers import finish_wandb, log_lightning_to_run_folder, prepare_wandb
 from fewshotseg.methods.base import method_class
@@ -60,7 +61,10 @@ def train(cfg: DictConfig) -> dict:
     finish_wandb(loggers)
     if trainer.is_global_zero and results:  # the same results.json as `evaluate` writes (read by `report`)
         runs = {getattr(datamodule, "test_seed", 0): results}
-        how = how_obtained(module, datamodule, trainer, list(runs), selection_of(cfg.get("selection"), best))
+        selection = selection_of(cfg.get("selection"), best)
+        if (step := divergence_of(trainer)) is not None:  # so report does not average it with the rest
+            selection += f"; training stopped at step {step}: the loss was not finite"
+        how = how_obtained(module, datamodule, trainer, list(runs), selection)
         write_results(
             Path(cfg.paths.output_dir) / "results.json", module.config or {}, runs, how, ckpt=best or None
         )
