@@ -23,6 +23,23 @@ def test_package_lightning_checkpoint_loads_as_backbone_weights(tmp_path):
         assert torch.equal(loaded.body.state_dict()[k], v), k
 
 
+def test_the_recorded_start_names_the_weights_by_their_tensors(tmp_path):
+    source = _backbone()
+    torch.save(source.body.state_dict(), tmp_path / "a.pth")
+    torch.save({"state_dict": {f"method.backbone.body.{k}": v for k, v in source.body.state_dict().items()}},
+               tmp_path / "best.ckpt")  # fmt: skip
+    a, ckpt = (Backbone(name="resnet18", levels=[1, 2], output_stride=32, weights=str(tmp_path / f))
+               for f in ("a.pth", "best.ckpt"))  # fmt: skip
+    digest = a.start.removeprefix("a.pth (sha256 ").removesuffix(")")
+    assert len(digest) == 8 and ckpt.start == f"best.ckpt (sha256 {digest})"  # same tensors, other file
+    changed = source.body.state_dict()
+    changed["bn1.running_mean"] = changed["bn1.running_mean"] + 1e-3  # BN statistics count too
+    torch.save(changed, tmp_path / "a.pth")
+    other = Backbone(name="resnet18", levels=[1, 2], output_stride=32, weights=str(tmp_path / "a.pth"))
+    assert other.start.startswith("a.pth (sha256 ") and digest not in other.start
+    assert other.training_regime == f"from {other.start}, trained, BN eval"
+
+
 def test_module_prefix_and_wrappers_are_removed(tmp_path):
     path = tmp_path / "dp.pth"
     torch.save({"model": {"module.conv1.weight": torch.ones(1)}}, path)

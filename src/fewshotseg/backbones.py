@@ -356,9 +356,12 @@ class Backbone(nn.Module):
         if weights:
             self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
-        # where the weights came from, recorded with every result (`training_regime` below)
+        # where the weights came from, recorded with every result (`training_regime` below); a file's
+        # name with the digest of the tensors it gave, since a file made again can hold others
         self.start = (
-            Path(weights).name if weights else ("timm ImageNet weights" if download else "random init")
+            f"{Path(weights).name} ({self.weights_digest()})"
+            if weights
+            else ("timm ImageNet weights" if download else "random init")
         )
         # set during evaluation while this frozen backbone's maps may be reused (feature_cache.py)
         self.feature_cache = None
@@ -409,6 +412,10 @@ class Backbone(nn.Module):
             self.name,
             len(state) - len(matched),
         )
+
+    def weights_digest(self) -> str:
+        """`sha256 <8 hex>` of the body's tensors (checkpoints.state_digest), BN statistics included."""
+        return f"sha256 {checkpoints.state_digest(self.body.state_dict())}"
 
     @property
     def training_regime(self) -> str:

@@ -9,6 +9,7 @@
   pre-training run), or None.
 - `read_state_dict(path, key)`: the four above, checked to be a dict of tensors.
 - `mismatch(own, state)`: the missing / unexpected / wrong-shape keys of a strict load.
+- `state_digest(state)`: a short fingerprint of a state dict's tensors (names, shapes, values).
 - `RenameTable`: the authors' tensor names <-> ours, as ordered prefix pairs, both directions.
 
 Methods keep only their declarative rename tables (`RenameTable`, built from e.g. `PSP_STEM`), as
@@ -17,6 +18,7 @@ timm's checkpoint_filter_fn; a method declares its table in its contract (method
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,18 @@ def read(path: str | Path, key: str = "weights", missing: str = "no such file") 
         raise ConfigError(
             f"{key}={path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {first})"
         ) from e
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """The first 8 hex digits of a sha256 over the tensors' names, dtypes, shapes and values, in
+    name order: the same weights give the same digest whatever file holds them. Recorded with every
+    result, since two files of one name (a backbone pre-trained again, on another torch) differ."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:8]
 
 
 def unwrap(obj: object, wrappers: tuple[str, ...] = WRAPPERS) -> object:

@@ -396,10 +396,11 @@ class SymNet(Method):
             base = pspnet_base.PSPNetBase(
                 lambda levels: self.backbone, num_classes=len(self.base_classes) + 1
             )
+            self.backbone.start = "the fold's base learner"  # recorded with results (results.json)
             if base_learner != BASE_LEARNER_IN_STATE_DICT:
                 pspnet_base.load_base_learner(base_learner, base, fold=fold, command=command)
+                self.backbone.start += f" ({self.backbone.weights_digest()})"  # which one, by its tensors
             self.learner_base = nn.Sequential(base.ppm, base.cls).requires_grad_(False)  # BAM's names
-            self.backbone.start = "the fold's base learner"  # recorded with results (results.json)
         if freeze_backbone and not self.backbone.frozen:
             self.backbone.frozen = True
             self.backbone.body.requires_grad_(False)
