@@ -32,6 +32,9 @@ def test_the_recorded_start_names_the_weights_by_their_tensors(tmp_path):
                for f in ("a.pth", "best.ckpt"))  # fmt: skip
     digest = a.start.removeprefix("a.pth (sha256 ").removesuffix(")")
     assert len(digest) == 8 and ckpt.start == f"best.ckpt (sha256 {digest})"  # same tensors, other file
+    shallow = Backbone(name="resnet18", levels=[1], output_stride=32, weights=str(tmp_path / "a.pth"))
+    assert len(shallow.body.state_dict()) < len(a.body.state_dict())  # blocks past level 1 are dropped
+    assert shallow.start == a.start  # the digest names the file's tensors, not the ones a method keeps
     changed = source.body.state_dict()
     changed["bn1.running_mean"] = changed["bn1.running_mean"] + 1e-3  # BN statistics count too
     torch.save(changed, tmp_path / "a.pth")

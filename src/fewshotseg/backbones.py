@@ -353,16 +353,14 @@ class Backbone(nn.Module):
                 info = self.body.feature_info
                 self.channels = dict(zip(self.levels, info.channels(), strict=True))
                 self.reduction = dict(zip(self.levels, info.reduction(), strict=True))
+        # where the weights came from, recorded with every result (`training_regime` below): a file by
+        # its name and the digest of its tensors, since a file made again can hold others
+        self.start = "timm ImageNet weights" if download else "random init"
         if weights:
-            self._load_state(load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from), str(weights))
+            state = load_weight_file(weights, _WEIGHT_HINTS.get(name), weights_from)
+            self._load_state(state, str(weights))
+            self.start = f"{Path(weights).name} (sha256 {checkpoints.state_digest(state)})"
         self.frozen, self.bn_mode, self.channels_last = frozen, bn_mode, channels_last
-        # where the weights came from, recorded with every result (`training_regime` below); a file's
-        # name with the digest of the tensors it gave, since a file made again can hold others
-        self.start = (
-            f"{Path(weights).name} ({self.weights_digest()})"
-            if weights
-            else ("timm ImageNet weights" if download else "random init")
-        )
         # set during evaluation while this frozen backbone's maps may be reused (feature_cache.py)
         self.feature_cache = None
         if channels_last and frozen:  # never backpropagated: channels_last weights too
@@ -412,10 +410,6 @@ class Backbone(nn.Module):
             self.name,
             len(state) - len(matched),
         )
-
-    def weights_digest(self) -> str:
-        """`sha256 <8 hex>` of the body's tensors (checkpoints.state_digest), BN statistics included."""
-        return f"sha256 {checkpoints.state_digest(self.body.state_dict())}"
 
     @property
     def training_regime(self) -> str:

@@ -62,8 +62,9 @@ def read(path: str | Path, key: str = "weights", missing: str = "no such file") 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """The first 8 hex digits of a sha256 over the tensors' names, dtypes, shapes and values, in
-    name order: the same weights give the same digest whatever file holds them. Recorded with every
-    result, since two files of one name (a backbone pre-trained again, on another torch) differ."""
+    name order: the same tensors give the same digest whatever file holds them (a .pth, or the
+    package checkpoint they came from). Recorded with every result, since two files of one name
+    (a backbone pre-trained again, on other software) can differ."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()

@@ -399,7 +399,8 @@ class SymNet(Method):
             self.backbone.start = "the fold's base learner"  # recorded with results (results.json)
             if base_learner != BASE_LEARNER_IN_STATE_DICT:
                 pspnet_base.load_base_learner(base_learner, base, fold=fold, command=command)
-                self.backbone.start += f" ({self.backbone.weights_digest()})"  # which one, by its tensors
+                # which one: the digest of its tensors (backbone and head, as loaded strictly)
+                self.backbone.start += f" (sha256 {checkpoints.state_digest(base.state_dict())})"
             self.learner_base = nn.Sequential(base.ppm, base.cls).requires_grad_(False)  # BAM's names
         if freeze_backbone and not self.backbone.frozen:
             self.backbone.frozen = True
