@@ -147,15 +147,16 @@ class KeepProgress(Callback):
             raise SIGTERMException  # Lightning's stop: on_exception below writes the checkpoint
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.path)
+            # the whole state (optimiser, loops); said, or Lightning logs its default at every save
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.fast_dev_run:  # a smoke test writes no checkpoint (as Lightning's)
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             if trainer.is_global_zero:
                 print(f"stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
 
