@@ -452,10 +452,18 @@ def test_a_run_checkpoint_evaluates_without_the_base_learner_file(tmp_path, data
                  "trainer.max_epochs=1", "data.num_test_episodes=4"]  # fmt: skip
     train(compose_train_cfg(tmp_path, data_dir, overrides))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    # BAM's fix_bn: after training, the base learner (backbone and head) is the file's, BN statistics included
+    file = torch.load(base_file, map_location="cpu", weights_only=True)["state_dict"]
+    names = {"method.learner_base.0.": "method.ppm.", "method.learner_base.1.": "method.cls.",
+             "method.backbone.body.": "method.backbone.body."}  # fmt: skip
+    frozen = {k: file[theirs + k.removeprefix(ours)] for k in stored for ours, theirs in names.items()
+              if k.startswith(ours)}  # fmt: skip
+    assert any("running_mean" in k for k in frozen if k.startswith("method.learner_base."))
+    assert [k for k, v in frozen.items() if not torch.equal(stored[k], v)] == []
     base_file.unlink()
 
     _, _, module = load_run(str(ckpt), OmegaConf.create({}))
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     loaded = module.state_dict()
     assert any(k.startswith("method.learner_base.") for k in stored)
     assert stored.keys() == loaded.keys() and all(torch.equal(stored[k], loaded[k]) for k in stored)

@@ -424,6 +424,10 @@ class SymNet(Method):
         self.windows = [tuple(int(v) for v in w) for w in windows]
         self.region = dict(fg_thr=fg_thr, hard_range=tuple(hard_range), bg_thr=bg_thr, fallback_k=fallback_k)
         self.margin, self.hybrid_alpha = margin, hybrid_alpha
+        # fix_bn from construction: Lightning does not call .train() before fitting, and restores
+        # each module's mode after validation, so the override below alone left the base learner's
+        # BN statistics updating during training
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> SymNet:
         super().train(mode)
