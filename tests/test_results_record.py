@@ -19,7 +19,7 @@ from helpers.tiny_run import best_checkpoint, compose_tool, tiny_trained_run
 HOW = {
     "protocol": "pfenet", "test_split": "val", "test_input": "longer side to 473 (aspect kept), padded to 473 x 473",
     "scored_at": "original", "episodes": 1000, "test_order": "image", "fold_split": "consecutive",
-    "test_seeds": [0], "selection": "best validation mIoU on held-out episodes",
+    "test_seeds": [0], "selection": "best validation mIoU on held-out episodes", "training": "16 epochs, batch 8",
     "novel_images_in_train": "kept as background", "backbone_training": "from random init, frozen, BN eval",
     "class_name_table": None, "precision": "32-true",
 }  # fmt: skip
@@ -73,6 +73,7 @@ def test_two_protocols_make_two_tables(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("episodes", 5000), ("test_seeds", [0, 1]), ("precision", "bf16-mixed"),
                                          ("selection", "the final weights, no selection"),
+                                         ("training", "32 epochs, batch 8"),
                                          ("novel_images_in_train", "excluded")])  # fmt: skip
 def test_any_recorded_difference_splits_the_table(tmp_path, field, value):
     record(tmp_path, "a", 0.60)
@@ -165,6 +166,7 @@ def test_train_records_how_it_was_obtained(tiny_run):
     assert how["selection"] == "best validation mIoU on held-out episodes"
     assert how["novel_images_in_train"] == "kept as background" and how["test_order"] == "image"
     assert how["backbone_training"] == "from random init, trained, BN eval"
+    assert how["training"] == "1 epoch, batch 2, 4 batches per epoch", how["training"]
 
 
 def test_evaluate_prints_and_records_mean_and_best(tiny_run, tmp_path, data_dir, capsys):
@@ -178,6 +180,8 @@ def test_evaluate_prints_and_records_mean_and_best(tiny_run, tmp_path, data_dir,
     assert rec["summary"]["miou"]["std"] == pytest.approx(statistics.stdev(per_seed))
     assert rec["how"]["test_seeds"] == [0, 1, 2]
     assert rec["how"]["selection"] == "best validation mIoU on held-out episodes"
+    train_how = json.loads((tiny_run / "results.json").read_text())["how"]
+    assert rec["how"]["training"] == train_how["training"]  # read back from the checkpoint's config
     assert f"mean {100 * statistics.fmean(per_seed):.2f}" in out and f"{100 * max(per_seed):.2f}" in out
     assert "best seed" in out and "sample std" in out
 
@@ -191,9 +195,14 @@ def test_selection_last_and_a_run_with_nothing_to_train(tmp_path, data_dir, capl
     train(compose_train_cfg(tmp_path / "last", data_dir, [*short, "selection=last"]))
     rec = json.loads((tmp_path / "last" / "results.json").read_text())
     assert rec["ckpt"] is None and rec["how"]["selection"] == "the final weights, no selection"
+    assert rec["how"]["training"].endswith(", 2 batches per epoch")
     # PANet on a frozen backbone has no weight to train: no fit, a warning, a test of the weights as built
     with caplog.at_level(logging.WARNING, logger="fewshotseg.train"):
         train(compose_train_cfg(tmp_path / "frozen", data_dir, [*short, "backbone.frozen=true"]))
     assert any("no trainable parameter" in r.getMessage() for r in caplog.records)
     rec = json.loads((tmp_path / "frozen" / "results.json").read_text())
     assert rec["how"]["selection"].endswith("(no checkpoint: the final weights)")
+    assert rec["how"]["training"] == "none"
+    train(compose_train_cfg(tmp_path / "untrained", data_dir, [*short, "trainer.max_epochs=0"]))
+    rec = json.loads((tmp_path / "untrained" / "results.json").read_text())
+    assert rec["how"]["training"] == "none"

@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict:
     print(format_table(runs, summary, datamodule))
     out = Path(cfg.paths.output_dir) / "results.json"
     selection = selection_of((module.config or {}).get("selection"), cfg.ckpt, cfg.weights)
-    how = how_obtained(module, datamodule, trainer, list(runs), selection)
+    how = how_obtained(module, datamodule, trainer, list(runs), selection, released=bool(cfg.weights))
     write_results(out, OmegaConf.create(module.config), runs, how, ckpt=cfg.ckpt, weights=cfg.weights)
     print(f"results written to {out}")
     return summary

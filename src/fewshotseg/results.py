@@ -39,6 +39,7 @@ HOW_FIELDS = (
     "fold_split",  # consecutive | interleaved (COCO-20i)
     "test_seeds",  # the seeds of the test episode lists
     "selection",  # which checkpoint was tested and on what it was selected
+    "training",  # the training budget: epochs or steps and the batch; none; or the authors'
     "novel_images_in_train",  # excluded (BAM) | kept as background (PFENet, HSNet, PANet)
     "backbone_training",  # where the backbone's weights started, frozen or trained, its BN mode
     "class_name_table",  # the class-name embedding table a method reads, or null
@@ -51,8 +52,10 @@ SELECTIONS = {  # data/_episodes.yaml's `selection` -> what results.json says
 }
 
 
-def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) -> dict:
-    """The HOW_FIELDS of a test: read from the objects that ran it, not from the config."""
+def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str, released: bool = False) -> dict:
+    """The HOW_FIELDS of a test: read from the objects that ran it, not from the config (the
+    training budget excepted: the run's config, stored with its weights). `released`: the authors'
+    weights, trained on their schedule."""
     model = getattr(module, "method", None)  # the method network (FewShotSegModule.method)
     return {
         "protocol": getattr(datamodule, "protocol", None),
@@ -66,11 +69,38 @@ def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str) 
         "fold_split": getattr(datamodule, "fold_split", None),
         "test_seeds": [int(s) for s in seeds],
         "selection": selection,
+        "training": "the authors' schedule" if released else training_budget(module),
         "novel_images_in_train": "excluded" if datamodule.exclude_novel_in_train else "kept as background",
         "backbone_training": getattr(getattr(model, "backbone", None), "training_regime", None),
         "class_name_table": getattr(model, "class_name_table", None),
         "precision": str(trainer.precision),
     }
+
+
+def training_budget(module) -> str:
+    """The `training` field: the run's budget as its config set it (epochs or steps, the batch per
+    device, the devices and any per-epoch limit), or none when nothing was trained."""
+    if not getattr(module, "config", None):
+        return "unrecorded"  # a module built outside a run: no config to read the budget from
+    config = OmegaConf.create(module.config)
+
+    def setting(key):
+        value = OmegaConf.select(config, key)
+        return None if value in (None, -1) else value  # -1: Lightning's "unlimited"
+
+    epochs, steps = setting("trainer.max_epochs"), setting("trainer.max_steps")
+    if 0 in (epochs, steps) or not any(p.requires_grad for p in module.parameters()):
+        return "none"  # one value, so the untrained rows and the baselines share a table
+    if epochs is None and steps is None:
+        epochs = 1000  # Lightning's default when neither is set
+    counts = ((steps, "step"), (epochs, "epoch"))
+    budget = " or ".join(f"{n} {unit}{'s' * (n != 1)}" for n, unit in counts if n is not None)
+    budget += f", batch {setting('data.batch_size')}"
+    if isinstance(devices := setting("trainer.devices"), int) and devices > 1:
+        budget += f" x {devices} devices"
+    if (limit := setting("trainer.limit_train_batches")) not in (None, 1.0):
+        budget += f", {limit} batches per epoch"
+    return budget
 
 
 def selection_of(choice: str | None, ckpt: str | None, weights: str | None = None) -> str:
