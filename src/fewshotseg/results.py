@@ -52,7 +52,9 @@ SELECTIONS = {  # data/_episodes.yaml's `selection` -> what results.json says
 }
 
 
-def how_obtained(module, datamodule, trainer, seeds: list[int], selection: str, released: bool = False) -> dict:
+def how_obtained(
+    module, datamodule, trainer, seeds: list[int], selection: str, released: bool = False
+) -> dict:
     """The HOW_FIELDS of a test: read from the objects that ran it, not from the config (the
     training budget excepted: the run's config, stored with its weights). `released`: the authors'
     weights, trained on their schedule."""
