@@ -129,6 +129,10 @@ class KeepProgress(Callback):
         self.stop_requested = False
         self._previous_sigint = None
 
+    def _save(self, trainer) -> None:
+        # the whole state (optimiser, loops); said, or Lightning logs its default at every save
+        trainer.save_checkpoint(self.path, weights_only=False)
+
     def _on_sigint(self, signum, frame) -> None:
         self.stop_requested = True
         signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once
@@ -147,16 +151,15 @@ class KeepProgress(Callback):
             raise SIGTERMException  # Lightning's stop: on_exception below writes the checkpoint
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.fast_dev_run:
-            # the whole state (optimiser, loops); said, or Lightning logs its default at every save
-            trainer.save_checkpoint(self.path, weights_only=False)
+            self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.fast_dev_run:  # a smoke test writes no checkpoint (as Lightning's)
-            trainer.save_checkpoint(self.path, weights_only=False)
+            self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            self._save(trainer)
             if trainer.is_global_zero:
                 print(f"stopped at step {trainer.global_step}; resume with ckpt_path={self.path}")
 
