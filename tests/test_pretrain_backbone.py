@@ -7,6 +7,7 @@ untouched (BN statistics included) by training steps on top of it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,10 @@ def test_stage_writes_a_backbone_file_with_its_settings(stage):
     assert list(state) == list(own) and all(state[k].shape == own[k].shape for k in own)
     meta = json.loads(weights.with_name(weights.name + ".json").read_text())
     assert 0.0 <= meta["accuracy"]["category_acc"] <= 1.0 and meta["settings"]["corpus"]["image_size"] == 64
+    # the file's digest, as a run on it records it (results.json's backbone_training), and its maker
+    loaded = Backbone("resnet18", output_stride=8, weights=str(weights), frozen=True, bn_mode="eval")
+    assert loaded.start == f"resnet18_synthetic.pth (sha256 {meta['sha256']})"
+    assert meta["made_on"]["torch"] == torch.__version__ and meta["made_on"]["cpu"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -106,7 +111,7 @@ def test_second_run_reuses_other_settings_refuse_resume_continues(stage, capsys)
     before = weights.stat().st_mtime_ns
     again = compose_config("pretrain_backbone", [f"paths.root_dir={root}", *TINY_CORPUS], root / "run2")
     assert pretrain_backbone(again) == weights and weights.stat().st_mtime_ns == before
-    assert "reused" in capsys.readouterr().out and not (root / "run2").exists()
+    assert "reused (sha256 " in capsys.readouterr().out and not (root / "run2").exists()
 
     other = compose_config(
         "pretrain_backbone", [f"paths.root_dir={root}", *TINY_CORPUS, "seed=1"], root / "run3"
@@ -128,6 +133,7 @@ def test_cli_reports_accuracy_and_a_missing_file_names_the_command(tmp_path):
     proc = run_cli("fewshotseg.pretrain_backbone", f"paths.root_dir={tmp_path}", *TINY_CORPUS, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "corpus val accuracy (pixels): category" in proc.stdout
+    assert re.search(r"backbone written to .*resnet18_synthetic\.pth \(sha256 [0-9a-f]{8}, ", proc.stdout)
     proc = run_cli("fewshotseg.train", "backbone=resnet18_synthetic", f"paths.root_dir={tmp_path / 'none'}",
                    "debug=tiny", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2

@@ -12,8 +12,10 @@ of background pixels called background.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.data.pretraining_corpus import ATTRIBUTES, NUM_VALUES
 from fewshotseg.lit import segmentation_loss, with_schedule
 
@@ -94,18 +97,34 @@ class BackbonePretraining(LightningModule):
         return with_schedule(self.optimizer_factory(params), self.scheduler_factory, self)
 
 
-def export_backbone(model: AttributeSegmenter, path: Path, meta: dict) -> Path:
-    """The backbone's tensors (timm names, contiguous, float32) to `path`, and `meta` beside it as
-    `<path>.json`; each written to a temporary file first and renamed, so a reader never sees half."""
+def export_backbone(model: AttributeSegmenter, path: Path, meta: dict) -> dict:
+    """The backbone's tensors (timm names, contiguous, float32) to `path`, and `meta` with the file's
+    digest beside it as `<path>.json` (returned); each written to a temporary file first and renamed,
+    so a reader never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu().clone() for k, v in model.backbone.body.state_dict().items()}
+    # the digest results.json records for a run on this file: a file made again on another CPU holds
+    # other tensors (floating-point sums in another order), so the file is named by what it holds
+    meta = {**meta, "sha256": checkpoints.state_digest(state), "made_on": machine()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
     tmp_meta = tmp.with_suffix(".json")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_meta, metadata_path(path))
-    return path
+    return meta
+
+
+def machine() -> dict:
+    """What made a file: torch's version and the CPU (or GPU), since both change its tensors."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "cpu": cpu, "gpu": gpu}
 
 
 def metadata_path(weights: Path) -> Path:

@@ -58,8 +58,8 @@ def pretrain_backbone(cfg: DictConfig) -> Path:
         meta = read_metadata(output) or {}
         if meta.get("settings") == wanted:
             acc = meta.get("accuracy", {})
-            print(f"{output} exists with these settings: reused (category accuracy "
-                  f"{100 * acc.get('category_acc', float('nan')):.1f} %); overwrite=true trains again")  # fmt: skip
+            print(f"{output} exists with these settings: reused (sha256 {meta.get('sha256', '?')}, category "
+                  f"accuracy {100 * acc.get('category_acc', float('nan')):.1f} %); overwrite=true trains again")  # fmt: skip
             return output
         changed = _differences(meta.get("settings", {}), wanted) if meta else ["(no <output>.json)"]
         raise ConfigError(
@@ -90,13 +90,14 @@ def pretrain_backbone(cfg: DictConfig) -> Path:
         "seconds": {"corpus": round(generated, 1), "total": round(time.perf_counter() - start, 1)},
         "run": str(cfg.paths.output_dir),
     }
-    export_backbone(module.method, output, meta)
+    meta = export_backbone(module.method, output, meta)
     pct = {k: f"{100 * v:.1f} %" for k, v in accuracy.items()}
     print(f"corpus val accuracy (pixels): category {pct.get('category_acc')} of object pixels (shape "
           f"{pct.get('shape_acc')}, texture {pct.get('texture_acc')}, colour {pct.get('colour_acc')}), "
           f"background {pct.get('background_acc')}")  # fmt: skip
     print(
-        f"backbone written to {output} ({meta['seconds']['total']:.0f} s); use it with backbone.weights={output}"
+        f"backbone written to {output} (sha256 {meta['sha256']}, {meta['seconds']['total']:.0f} s); "
+        f"use it with backbone.weights={output}"
     )
     return output
 
