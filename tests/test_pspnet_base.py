@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fewshotseg.backbones import Backbone
+from fewshotseg.checkpoints import state_digest
 from fewshotseg.data.datamodule import FewShotDataModule
 from fewshotseg.data.sources.base import base_labels
 from fewshotseg.data.sources.synthetic import SyntheticSource
@@ -221,6 +222,8 @@ def test_load_base_learner_reads_bams_file_and_names_the_command(tmp_path):
     load_base_learner(path, target)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
+    # the file says nothing else: named by its tensors
+    assert target.backbone.start == f"best.pth (sha256 {state_digest(source.state_dict())})"
     with pytest.raises(
         ConfigError, match=r"python -m fewshotseg.train method=pspnet_base data=pascal fold=2"
     ):
@@ -254,7 +257,9 @@ def test_cli_trains_the_base_stage_and_its_checkpoint_loads(tmp_path, data_dir):
     assert saved["state_dict"].keys() == state.keys()
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in state.items())  # the tested weights
     model = small_base()
+    assert torch.load(best, map_location="cpu", weights_only=True)["backbone_start"] == "random init"
     load_base_learner(best, model)
+    assert model.backbone.start == "fine-tuned from random init"  # what a Sym-Net run on it records
     assert torch.equal(model.cls[4].weight, state["method.cls.4.weight"])
     assert torch.equal(
         model.backbone.state_dict()["body.conv1.weight"], state["method.backbone.body.conv1.weight"]

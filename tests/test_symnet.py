@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -337,6 +338,26 @@ def test_base_learner_checkpoint_is_the_backbone_and_the_base_head(table_file, b
     model.train()
     assert not model.learner_base[1][1].training  # BN in eval mode (BAM's fix_bn) ...
     assert model.learner_base[1][3].training  # ... its dropout as in the official training
+
+
+def test_the_record_names_what_the_base_learners_were_fine_tuned_from(table_file, base_ckpt, tmp_path):
+    """results.json's backbone_training: every fold's base learner, fine-tuned from one file, gives one
+    label, so `report` puts a method's folds in one row; a file that does not say is named by its digest."""
+    path, _ = base_ckpt
+    plain = make_model(table_file, path).backbone.training_regime
+    assert re.fullmatch(
+        r"from the fold's base learner \(best\.ckpt \(sha256 [0-9a-f]{8}\)\), frozen, BN eval", plain
+    )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["backbone_start"] = "resnet18_synthetic.pth (sha256 0123abcd)"  # as our base stage records it
+    labels = set()
+    for fold in (0, 1):  # two folds' base learners: other tensors, one pretrained file
+        ckpt["state_dict"]["method.cls.4.bias"] = ckpt["state_dict"]["method.cls.4.bias"] + fold
+        torch.save(ckpt, tmp_path / f"fold{fold}.ckpt")
+        labels.add(make_model(table_file, tmp_path / f"fold{fold}.ckpt").backbone.training_regime)
+    assert labels == {
+        "from the fold's base learner (fine-tuned from resnet18_synthetic.pth (sha256 0123abcd)), frozen, BN eval"
+    }
 
 
 def test_a_missing_base_learner_names_the_command(table_file, tmp_path):

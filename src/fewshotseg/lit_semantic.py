@@ -113,6 +113,8 @@ class SemanticSegModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:
             checkpoint["fewshotseg_config"] = self.config
+        # what the trained backbone started from, named by a later stage's results (Sym-Net's)
+        checkpoint["backbone_start"] = getattr(getattr(self.method, "backbone", None), "start", None)
 
 
 def build_semantic(cfg: DictConfig):

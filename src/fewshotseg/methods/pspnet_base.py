@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshotseg.checkpoints import PSP_STEM, RenameTable, mismatch, read, resnet_renames
+from fewshotseg.checkpoints import PSP_STEM, RenameTable, mismatch, read, resnet_renames, state_digest
 from fewshotseg.errors import ConfigError
 from fewshotseg.methods.base import Method
 
@@ -205,4 +205,12 @@ def load_base_learner(
             f"{getattr(model.backbone, 'name', '?')!r}; made by `{command}` with the same backbone?): {detail}"
         )
     model.load_state_dict(state, strict=False)
+    # where these weights started (results.json's backbone_training): our base stage records the file
+    # it fine-tuned, one name for every fold's base learner; another file is named by its tensors
+    started = checkpoint.get("backbone_start")
+    model.backbone.start = (
+        f"fine-tuned from {started}"
+        if started
+        else f"{file.name} (sha256 {state_digest(model.state_dict())})"
+    )
     return model

@@ -396,11 +396,11 @@ class SymNet(Method):
             base = pspnet_base.PSPNetBase(
                 lambda levels: self.backbone, num_classes=len(self.base_classes) + 1
             )
-            self.backbone.start = "the fold's base learner"  # recorded with results (results.json)
-            if base_learner != BASE_LEARNER_IN_STATE_DICT:
+            if base_learner == BASE_LEARNER_IN_STATE_DICT:
+                self.backbone.start = "the fold's base learner"  # recorded with results (results.json)
+            else:  # and which one: what it was fine-tuned from (or the file's digest)
                 pspnet_base.load_base_learner(base_learner, base, fold=fold, command=command)
-                # which one: the digest of its tensors (backbone and head, as loaded strictly)
-                self.backbone.start += f" (sha256 {checkpoints.state_digest(base.state_dict())})"
+                self.backbone.start = f"the fold's base learner ({self.backbone.start})"
             self.learner_base = nn.Sequential(base.ppm, base.cls).requires_grad_(False)  # BAM's names
         if freeze_backbone and not self.backbone.frozen:
             self.backbone.frozen = True
