@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from fewshotseg.evaluate import evaluate
 from fewshotseg.report import report
@@ -182,8 +183,22 @@ def test_evaluate_prints_and_records_mean_and_best(tiny_run, tmp_path, data_dir,
     assert rec["how"]["selection"] == "best validation mIoU on held-out episodes"
     train_how = json.loads((tiny_run / "results.json").read_text())["how"]
     assert rec["how"]["training"] == train_how["training"]  # read back from the checkpoint's config
+    assert rec["how"]["backbone_training"] == train_how["backbone_training"]
     assert f"mean {100 * statistics.fmean(per_seed):.2f}" in out and f"{100 * max(per_seed):.2f}" in out
     assert "best seed" in out and "sample std" in out
+
+
+def test_evaluate_records_the_start_the_checkpoint_names(tiny_run, tmp_path):
+    """A run on a weight file: evaluate rebuilds the backbone without that file (the tensors come from
+    the checkpoint), so the record names the start the checkpoint stored, not a rebuilt one."""
+    ckpt = torch.load(best_checkpoint(tiny_run), map_location="cpu", weights_only=True)
+    assert ckpt["backbone_start"] == "random init"  # what training recorded
+    ckpt["backbone_start"] = "resnet18_synthetic.pth (sha256 0123abcd)"
+    torch.save(ckpt, tmp_path / "on_a_file.ckpt")
+    evaluate(compose_tool("evaluate", [f"ckpt={tmp_path / 'on_a_file.ckpt'}", f"paths.log_dir={tmp_path}",
+                                       "data.num_workers=0", "trainer.accelerator=cpu"], tmp_path))  # fmt: skip
+    how = json.loads((tmp_path / "results.json").read_text())["how"]
+    assert how["backbone_training"] == "from resnet18_synthetic.pth (sha256 0123abcd), trained, BN eval"
 
 
 def test_selection_last_and_a_run_with_nothing_to_train(tmp_path, data_dir, caplog):

@@ -10,6 +10,8 @@
 - `read_state_dict(path, key)`: the four above, checked to be a dict of tensors.
 - `mismatch(own, state)`: the missing / unexpected / wrong-shape keys of a strict load.
 - `state_digest(state)`: a short fingerprint of a state dict's tensors (names, shapes, values).
+- `stamp_run(checkpoint, config, method)`: what a later run reads besides the tensors: the run's
+  config and where its backbone's weights started.
 - `RenameTable`: the authors' tensor names <-> ours, as ordered prefix pairs, both directions.
 
 Methods keep only their declarative rename tables (`RenameTable`, built from e.g. `PSP_STEM`), as
@@ -71,6 +73,15 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:8]
+
+
+def stamp_run(checkpoint: dict, config: dict | None, method: object) -> None:
+    """Into a run's checkpoint: its config (`fewshotseg_config`, what `evaluate ckpt=` rebuilds from)
+    and where its backbone's weights started (`backbone_start`, e.g. `resnet18_synthetic.pth (sha256
+    e2acd143)`): the run built the backbone from that file, a later run on the checkpoint does not."""
+    if config is not None:
+        checkpoint["fewshotseg_config"] = config
+    checkpoint["backbone_start"] = getattr(getattr(method, "backbone", None), "start", None)
 
 
 def unwrap(obj: object, wrappers: tuple[str, ...] = WRAPPERS) -> object:

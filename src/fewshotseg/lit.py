@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.data.episode import IGNORE_INDEX, Episode
 from fewshotseg.errors import ConfigError
 from fewshotseg.feature_cache import FeatureCache, frozen_backbones, is_deterministic, reusing
@@ -242,5 +243,4 @@ class FewShotSegModule(LightningModule):
         return with_schedule(self.optimizer_factory(params), self.scheduler_factory, self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.config is not None:
-            checkpoint["fewshotseg_config"] = self.config
+        checkpoints.stamp_run(checkpoint, self.config, self.method)

@@ -22,6 +22,7 @@ from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fewshotseg import checkpoints
 from fewshotseg.errors import ConfigError
 from fewshotseg.lit import segmentation_loss, with_schedule
 from fewshotseg.metrics import SemanticIoU
@@ -111,10 +112,7 @@ class SemanticSegModule(LightningModule):
         return with_schedule(self.optimizer_factory(groups), self.scheduler_factory, self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.config is not None:
-            checkpoint["fewshotseg_config"] = self.config
-        # what the trained backbone started from, named by a later stage's results (Sym-Net's)
-        checkpoint["backbone_start"] = getattr(getattr(self.method, "backbone", None), "start", None)
+        checkpoints.stamp_run(checkpoint, self.config, self.method)
 
 
 def build_semantic(cfg: DictConfig):

@@ -215,6 +215,9 @@ def load_run(ckpt_path: str, overrides: DictConfig):
         cfg.eval_resolution = overrides.eval_resolution
     datamodule, module = build_run(cfg)
     module.load_state_dict(ckpt["state_dict"])
+    backbone = getattr(module.method, "backbone", None)
+    if backbone is not None and ckpt.get("backbone_start"):  # recorded as training recorded it
+        backbone.start = ckpt["backbone_start"]
     return cfg, datamodule, module
 
 
