@@ -103,8 +103,8 @@ def export_backbone(model: AttributeSegmenter, path: Path, meta: dict) -> dict:
     so a reader never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu().clone() for k, v in model.backbone.body.state_dict().items()}
-    # the digest results.json records for a run on this file: a file made again on another CPU holds
-    # other tensors (floating-point sums in another order), so the file is named by what it holds
+    # the digest results.json records for a run on this file: made again on another kind of machine,
+    # the file holds other tensors (docs/pretraining.md), so it is named by what it holds
     meta = {**meta, "sha256": checkpoints.state_digest(state), "made_on": machine()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
